@@ -1,0 +1,190 @@
+"""`edgellama` command line: each command parses its options and calls one library function.
+
+Errors a user can fix print one line to stderr and exit non-zero; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from edgellama import __version__
+from edgellama.runtime.errors import EdgeLlamaError
+
+PROVIDERS = click.Choice(["cpu", "cuda"])
+
+
+def _friendly(fn):
+    """Turn EdgeLlamaError (and Ctrl-C) into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except EdgeLlamaError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was left half-written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class _Bar:
+    """A progress bar on stderr, fed (done, total, what) callbacks."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edgellama")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Take a Llama-family model to a laptop or an edge device."""
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of weights, activations and KV cache.")
+@click.option("--attention", type=click.Choice(["auto", "gqa", "standard"]), default="auto", show_default=True,
+              help="auto: GroupQueryAttention where ONNX Runtime supports the shape, else standard ops.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@_friendly
+def export(source: Path, output_dir: Path, dtype: str, attention: str, force: bool) -> None:
+    """Export SOURCE (a Hugging Face folder or a .gguf file) to an ONNX model folder."""
+    from edgellama.exporter.export import ExportOptions, export as run_export
+
+    bar = _Bar("exporting")
+    try:
+        manifest = run_export(source, output_dir, ExportOptions(dtype=dtype, force=force, attention=attention), bar)
+    finally:
+        bar.close()
+    click.echo(f"wrote {output_dir} ({manifest.architecture}, {manifest.num_layers} layers, "
+               f"{manifest.dtype}, attention={manifest.attention})", err=True)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_friendly
+def inspect(model_dir: Path) -> None:
+    """Print a model folder's manifest and its graph's inputs and outputs."""
+    from edgellama.runtime.report import describe
+
+    click.echo(describe(model_dir))
+
+
+def _generation_options(fn):
+    options = [
+        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); not printed."),
+        click.option("--provider", type=PROVIDERS, default="cpu", show_default=True),
+        click.option("--threads", type=int, default=None, help="Default: physical cores."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config(kw: dict, show_probs: int = 0):
+    from edgellama.runtime.model import make_config
+
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "seed", "stop")
+    return make_config(show_probs=show_probs, **{k: kw[k] for k in keys})
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", default=None, help="System prompt (with --chat).")
+@click.option("--show-probs", type=int, default=0, help="Print the top K next-token probabilities (stderr).")
+@click.option("--probs-each-step", is_flag=True, help="With --show-probs: at every generated token too.")
+@_generation_options
+@_friendly
+def run(model_dir: Path, prompt: str, as_chat: bool, system: str | None, show_probs: int,
+        probs_each_step: bool, provider: str, threads: int | None, **kw) -> None:
+    """Generate from MODEL_DIR; only the generated text goes to stdout."""
+    from edgellama.runtime.model import Model
+    from edgellama.runtime.report import format_probs
+
+    config = _config(kw, show_probs)
+    model = Model.load(model_dir, provider=provider, threads=threads)
+    if as_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        gen = model.generate(model.render_chat(messages), config)
+    else:
+        gen = model.generate(prompt, config)
+    for i, step in enumerate(gen):
+        if i == 0 and show_probs:
+            click.echo(format_probs(model, prompt, gen.prompt_top), err=True)
+        elif probs_each_step and step.top:
+            click.echo("\n" + format_probs(model, None, step.top), err=True)
+        click.echo(step.text, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="System prompt.")
+@_generation_options
+@_friendly
+def chat(model_dir: Path, system: str | None, provider: str, threads: int | None, **kw) -> None:
+    """Interactive multi-turn chat (reads stdin; /reset, /exit). The KV cache is reused across turns."""
+    from edgellama.runtime.model import Model
+
+    model = Model.load(model_dir, provider=provider, threads=threads)
+    session = model.chat(system=system, config=_config(kw))
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo(">>> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not text.strip():
+            continue
+        for step in session.stream(text):
+            click.echo(step.text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

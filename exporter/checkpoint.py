@@ -1,0 +1,198 @@
+"""A source checkpoint: config + tensors by logical name, from a HF folder or a GGUF file.
+
+Tensors come back float32 in Hugging Face layout (out, in), shape-checked against
+the ModelConfig. GGUF's q/k rows are permuted back from llama.cpp's interleaved
+rotary layout so one graph serves both sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
+
+from .config import ModelConfig
+from .names import GGUF_NAMES, HF_NAMES, checkpoint_name
+from .sources import GGUFFile, TensorRef, dequantize_gguf, load_safetensor, read_json, read_safetensors_header
+from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class Checkpoint:
+    config: ModelConfig
+    files: list[Path]
+
+    def has(self, key: str, layer: int | None = None) -> bool:
+        raise NotImplementedError
+
+    def _read(self, key: str, layer: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def tokenizer(self) -> TokenizerFiles:
+        raise NotImplementedError
+
+    def get(self, key: str, layer: int | None = None) -> np.ndarray:
+        """(shape from config.weight_shapes()[key]) float32."""
+        arr = self._read(key, layer)
+        expected = self.config.weight_shapes().get(key)
+        if expected is not None and tuple(arr.shape) != expected:
+            where = f"layer {layer} " if layer is not None else ""
+            raise BadModelFileError(
+                f"{self.describe(key, layer)}: {where}{key} has shape {list(arr.shape)}, "
+                f"expected {list(expected)} from the model config"
+            )
+        return arr
+
+    def describe(self, key: str, layer: int | None) -> str:
+        return str(self.files[0])
+
+    def hashes(self) -> dict[str, str]:
+        return {p.name: _sha256(p) for p in self.files}
+
+    def close(self) -> None:
+        pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_checkpoint(source: Path) -> Checkpoint:
+    source = Path(source)
+    if not source.exists():
+        raise BadModelFileError(f"{source}: no such file or folder; give a Hugging Face model folder or a .gguf file")
+    if source.is_dir():
+        return HFCheckpoint(source)
+    if source.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsupportedModelError(_pickle_advice(source))
+    return GGUFCheckpoint(source)
+
+
+def _pickle_advice(path: Path) -> str:
+    return (
+        f"{path}: pickle checkpoints are refused (loading them can run arbitrary code); "
+        "convert the model to safetensors first, e.g. with transformers' save_pretrained(safe_serialization=True)"
+    )
+
+
+class HFCheckpoint(Checkpoint):
+    def __init__(self, folder: Path):
+        self.folder = folder
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise BadModelFileError(f"{cfg_path}: config.json is missing; a Hugging Face model folder needs one")
+        raw = read_json(cfg_path, "config.json")
+        if not isinstance(raw, dict):
+            raise BadModelFileError(f"{cfg_path}: config.json is not a JSON object")
+        self.raw_config = raw
+        self.config = ModelConfig.from_hf(raw, str(cfg_path))
+        self.files = self._weight_files()
+        self.refs: dict[str, TensorRef] = {}
+        for path in self.files:
+            self.refs.update(read_safetensors_header(path))
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise BadModelFileError(f"{index}: has no 'weight_map' object")
+            files = sorted({self.folder / str(v) for v in weight_map.values()})
+            missing = [p.name for p in files if not p.is_file() or p.parent != self.folder]
+            if missing:
+                raise BadModelFileError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = [p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UnsupportedModelError(_pickle_advice(pickles[0]))
+        raise BadModelFileError(f"{self.folder}: no *.safetensors weights found")
+
+    def _name(self, key: str, layer: int | None) -> str:
+        return checkpoint_name(HF_NAMES, key, layer)
+
+    def has(self, key: str, layer: int | None = None) -> bool:
+        return key in HF_NAMES and self._name(key, layer) in self.refs
+
+    def describe(self, key: str, layer: int | None) -> str:
+        ref = self.refs.get(self._name(key, layer))
+        return str(ref.path if ref else self.folder)
+
+    def _read(self, key: str, layer: int | None) -> np.ndarray:
+        name = self._name(key, layer)
+        ref = self.refs.get(name)
+        if ref is None:
+            raise BadModelFileError(f"{self.folder}: tensor {name!r} is missing from the safetensors files")
+        if ref.path not in self._maps:
+            with open(ref.path, "rb") as f:
+                self._maps[ref.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        arr = load_safetensor(ref, self._maps[ref.path])
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise BadModelFileError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a float type")
+        return arr.astype(np.float32, copy=False)
+
+    def tokenizer(self) -> TokenizerFiles:
+        return tokenizer_from_hf(self.folder)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+
+class GGUFCheckpoint(Checkpoint):
+    def __init__(self, path: Path):
+        self.gguf = GGUFFile(path)
+        self.files = [Path(path)]
+        self.config = ModelConfig.from_gguf(self.gguf.metadata, set(self.gguf.tensors), str(path))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.gguf.metadata
+
+    def _name(self, key: str, layer: int | None) -> str | None:
+        return checkpoint_name(GGUF_NAMES, key, layer) if key in GGUF_NAMES else None
+
+    def has(self, key: str, layer: int | None = None) -> bool:
+        return self._name(key, layer) in self.gguf.tensors
+
+    def _read(self, key: str, layer: int | None) -> np.ndarray:
+        name = self._name(key, layer)
+        if name not in self.gguf.tensors:
+            raise BadModelFileError(f"{self.gguf.path}: tensor {name!r} is missing")
+        arr = dequantize_gguf(self.gguf, name)
+        if key in ("q", "k"):
+            heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
+            arr = unpermute_rotary_rows(arr, heads)
+        return arr
+
+    def tokenizer(self) -> TokenizerFiles:
+        return tokenizer_from_gguf(self.gguf.metadata)
+
+    def close(self) -> None:
+        self.gguf.close()
+
+
+def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs -> rotate-half halves).
+
+    w: (heads * head_dim, in). Within each head, llama.cpp stores rows as pairs
+    (0, d/2), (1, d/2 + 1), ...; Hugging Face stores the two halves one after the other.
+    """
+    if w.shape[0] % (2 * heads):
+        raise BadModelFileError(f"q/k weight rows {w.shape[0]} are not divisible by 2 * {heads} heads")
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,152 @@
+"""`edgellama export`: checkpoint -> model folder (graph, weights, tokenizer, manifest)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+import edgellama
+from edgellama.runtime import contract as io
+from edgellama.runtime.contract import Manifest
+from edgellama.runtime.errors import BadArgumentError, BadModelFileError
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import ModelConfig
+from .graph import GraphPlan, GraphWriter, build_decoder, choose_attention
+from .output import atomic_folder, check_target
+from .tokenizer import TokenizerFiles, write_tokenizer
+
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"
+    force: bool = False
+    attention: str = "auto"  # "auto" | "gqa" | "standard"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BadArgumentError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.attention not in ("auto", "gqa", "standard"):
+            raise BadArgumentError(f"attention {self.attention!r}: choose auto, gqa or standard")
+
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
+           progress: Progress = lambda done, total, what: None) -> Manifest:
+    """Write `out_dir` from a HF folder or GGUF file; all or nothing."""
+    source, out_dir = Path(source), Path(out_dir)
+    check_target(out_dir, options.force)
+    ckpt = open_checkpoint(source)
+    try:
+        tok = ckpt.tokenizer()
+        plan = _plan(ckpt.config, options)
+        with atomic_folder(out_dir, force=options.force) as tmp:
+            _write_graph(ckpt, plan, tmp, progress)
+            write_tokenizer(tok, tmp)
+            manifest = _manifest(ckpt, plan, tok, source)
+            (tmp / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+            (tmp / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
+        return manifest
+    finally:
+        ckpt.close()
+
+
+def _plan(cfg: ModelConfig, options: ExportOptions) -> GraphPlan:
+    attention, why = choose_attention(cfg)
+    if options.attention == "gqa" and attention != "gqa":
+        raise BadArgumentError(f"attention 'gqa' cannot be used for this model: {why}")
+    if options.attention != "auto":
+        attention = options.attention
+    return GraphPlan(dtype=options.dtype, attention=attention)
+
+
+def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Progress) -> None:
+    cfg = ckpt.config
+    inv_freq = cfg.rope.inv_freq(cfg.head_dim)
+    if ckpt.has("rope_freqs"):  # Llama 3.1 GGUFs carry the llama3 scaling as per-frequency divisors
+        inv_freq = inv_freq / ckpt.get("rope_freqs").astype(np.float64)
+    total = cfg.num_layers
+    progress(0, total, "layers")
+    with open(folder / io.GRAPH_DATA_NAME, "wb") as data:
+        g = GraphWriter(data, io.GRAPH_DATA_NAME)
+        model = build_decoder(g, cfg, plan, read=_reader(ckpt), has=ckpt.has, inv_freq=inv_freq,
+                              on_layer=lambda i: progress(i + 1, total, "layers"))
+    onnx.save_model(model, folder / io.GRAPH_NAME)
+
+
+def _reader(ckpt: Checkpoint):
+    """Biases a checkpoint omits read as zeros only where the config says they may be absent."""
+    def read(key: str, layer: int | None) -> np.ndarray:
+        if key.endswith("_bias") and not ckpt.has(key, layer):
+            raise BadModelFileError(f"{ckpt.describe(key, layer)}: layer {layer} {key} is missing but the config says the model has biases")
+        return ckpt.get(key, layer)
+
+    return read
+
+
+def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path) -> Manifest:
+    cfg = ckpt.config
+    return Manifest(
+        architecture=cfg.architecture,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        context_length=cfg.context_length,
+        dtype=plan.dtype,
+        weights=plan.dtype,
+        attention=plan.attention,
+        kv_buffer="shared" if plan.attention == "gqa" else "concat",
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=list(tok.eos_token_ids),
+        add_bos_token=tok.add_bos_token,
+        source={"path": source.name, "format": "gguf" if source.is_file() else "hf", "sha256": ckpt.hashes()},
+        tool={"name": "edgellama", "version": edgellama.__version__, "onnx": onnx.__version__,
+              "python": platform.python_version(), "argv": sys.argv[1:]},
+    )
+
+
+def genai_config(m: Manifest) -> dict:
+    """onnxruntime-genai's config, so its Generator can load the same folder."""
+    return {
+        "model": {
+            "bos_token_id": m.bos_token_id if m.bos_token_id is not None else 1,
+            "context_length": m.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": io.GRAPH_NAME,
+                "head_size": m.head_dim,
+                "hidden_size": m.hidden_size,
+                "inputs": {"input_ids": io.INPUT_IDS, "attention_mask": io.ATTENTION_MASK,
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": io.LOGITS, "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": m.num_heads,
+                "num_hidden_layers": m.num_layers,
+                "num_key_value_heads": m.num_kv_heads,
+            },
+            "eos_token_id": m.eos_token_ids if len(m.eos_token_ids) != 1 else m.eos_token_ids[0],
+            "pad_token_id": m.eos_token_ids[0] if m.eos_token_ids else 0,
+            "type": "llama",
+            "vocab_size": m.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": m.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": m.kv_buffer == "shared",
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }

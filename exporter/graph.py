@@ -1,0 +1,295 @@
+"""The decoder graph, built block by block straight from the weights.
+
+Shapes in comments: B batch, S new tokens, P past tokens, T = P + S, H hidden,
+nh / kv heads, hd head_dim, I intermediate, V vocab.
+
+Two attention variants, chosen by `choose_attention` from ONNX Runtime's constraints:
+  "gqa"      com.microsoft GroupQueryAttention with packed QKV and built-in rotary; its
+             past and present may share one preallocated buffer (runtime IO binding).
+  "standard" plain ONNX ops (MatMul, Softmax, Concat); past and present are separate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgellama.runtime import contract as io
+
+from .config import ModelConfig
+
+MS = "com.microsoft"
+OPSET = 17
+_ALIGN = 64 * 1024  # page-aligned external data lets ONNX Runtime memory-map weights
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    dtype: str  # "fp32" | "fp16"
+    attention: str  # "gqa" | "standard"
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.dtype == "fp16" else np.float32)
+
+    @property
+    def onnx_dtype(self) -> int:
+        return _ONNX_TYPES[self.np_dtype]
+
+
+def choose_attention(cfg: ModelConfig) -> tuple[str, str]:
+    """("gqa" | "standard", reason). GroupQueryAttention's kernels need head_dim a multiple
+    of 16 (CPU rotary and CUDA flash/memory-efficient paths) and at most 256."""
+    if cfg.head_dim % 16 or cfg.head_dim > 256:
+        return "standard", f"head_dim {cfg.head_dim} is not a multiple of 16 in [16, 256]"
+    return "gqa", "GroupQueryAttention supports this shape"
+
+
+class GraphWriter:
+    """Collects nodes; appends each weight to the external data file as it arrives."""
+
+    def __init__(self, data: BinaryIO, data_name: str):
+        self.data, self.data_name = data, data_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def weight(self, name: str, arr: np.ndarray) -> str:
+        """Stream one weight to external data; only its location stays in memory."""
+        arr = np.ascontiguousarray(arr)
+        offset = -(-self.data.tell() // _ALIGN) * _ALIGN
+        self.data.seek(offset)
+        self.data.write(arr.tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            t.external_data.add(key=k, value=v)
+        self.initializers.append(t)
+        return name
+
+    def const(self, value, hint: str = "const") -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "",
+           outputs: Sequence[str] | None = None, **attrs) -> str | list[str]:
+        name = self.fresh(op_type)
+        outs = list(outputs) if outputs is not None else [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+# ---- small blocks -------------------------------------------------------------------------
+
+def rms_norm(g: GraphWriter, x: str, weight: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
+
+
+def skip_rms_norm(g: GraphWriter, x: str, skip: str, weight: str, eps: float) -> tuple[str, str]:
+    """(normed, x + skip): the residual add fused with the next norm."""
+    out, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [x, skip, weight], n_out=4, domain=MS, epsilon=eps)
+    return out, summed
+
+
+def linear(g: GraphWriter, x: str, w_in_out: str, bias: str | None = None) -> str:
+    y = g.op("MatMul", [x, w_in_out])
+    return g.op("Add", [y, bias]) if bias else y
+
+
+def swiglu(g: GraphWriter, gate_up: str, inter: int) -> str:
+    """(B, S, 2I) -> (B, S, I): silu(gate) * up."""
+    split = g.const(np.array([inter, inter], np.int64), "split")
+    gate, up = g.op("Split", [gate_up, split], n_out=2, axis=-1)
+    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    return g.op("Mul", [silu, up])
+
+
+def rope_tables(cfg: ModelConfig, inv_freq: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin: (context_length, hd/2), computed in float64 then cast."""
+    pos = np.arange(cfg.context_length, dtype=np.float64)[:, None]
+    angles = pos * inv_freq[None, :]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+# ---- shared inputs --------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    ids: str
+    mask: str
+    seqlens_k: str | None = None  # (B,) int32: valid tokens - 1   (gqa)
+    total_len: str | None = None  # () int32: T                    (gqa)
+    positions: str | None = None  # (S,) int64: P .. T-1           (standard)
+    bias: str | None = None  # (B, 1, 1, S, T) float additive mask (standard)
+    dtype: np.dtype = np.dtype(np.float32)
+
+
+def gqa_inputs(g: GraphWriter) -> Inputs:
+    mask32 = g.op("Cast", [io.ATTENTION_MASK], to=TensorProto.INT32)
+    total = g.op("ReduceSum", [mask32, g.const(np.array([1], np.int64))], keepdims=0)
+    seqlens = g.op("Sub", [total, g.const(np.array(1, np.int32))])
+    width = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), g.const(np.array(1, np.int64))], axis=0)
+    return Inputs(io.INPUT_IDS, io.ATTENTION_MASK, seqlens_k=seqlens,
+                  total_len=g.op("Cast", [width], to=TensorProto.INT32))
+
+
+def standard_inputs(g: GraphWriter, cfg: ModelConfig, dtype: np.dtype) -> Inputs:
+    """Positions and the additive causal/padding/window mask; no left padding (P = T - S)."""
+    i64 = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
+    seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), i64(1)], axis=0)  # S
+    total = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), i64(1)], axis=0)  # T
+    past = g.op("Sub", [total, seq])  # P
+    positions = g.op("Range", [past, total, i64(1)])  # (S,)
+    keys = g.op("Range", [i64(0), total, i64(1)])  # (T,)
+    q_pos = g.op("Unsqueeze", [positions, i64([1])])  # (S, 1)
+    allowed = g.op("LessOrEqual", [keys, q_pos])  # (S, T) causal
+    if cfg.sliding_window:
+        lo = g.op("Sub", [q_pos, i64(cfg.sliding_window)])
+        allowed = g.op("And", [allowed, g.op("Greater", [keys, lo])])
+    valid = g.op("Cast", [io.ATTENTION_MASK], to=TensorProto.BOOL)  # (B, T)
+    valid = g.op("Unsqueeze", [valid, i64([1, 2, 3])])  # (B, 1, 1, 1, T)
+    allowed = g.op("And", [allowed, valid])  # (B, 1, 1, S, T)
+    neg = g.const(np.array(np.finfo(dtype).min, dtype))
+    bias = g.op("Where", [allowed, g.const(np.array(0, dtype)), neg])
+    return Inputs(io.INPUT_IDS, io.ATTENTION_MASK, positions=positions, bias=bias, dtype=dtype)
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+def attention_gqa(g: GraphWriter, cfg: ModelConfig, x: str, qkv_w: str, qkv_b: str | None,
+                  layer: int, inp: Inputs, cos: str, sin: str) -> str:
+    """x (B, S, H) -> (B, S, nh*hd); present.{layer} written in place when buffers are shared."""
+    qkv = linear(g, x, qkv_w, qkv_b)  # (B, S, (nh + 2 kv) hd)
+    attrs = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5),
+                 do_rotary=1, rotary_interleaved=0, local_window_size=_gqa_window(cfg))
+    out, _, _ = g.op(
+        "GroupQueryAttention",
+        [qkv, "", "", io.past_key(layer), io.past_value(layer), inp.seqlens_k, inp.total_len, cos, sin],
+        outputs=[g.fresh("attn"), io.present_key(layer), io.present_value(layer)],
+        domain=MS, **attrs,
+    )
+    return out
+
+
+def _gqa_window(cfg: ModelConfig) -> int:
+    # Both count the query's own key: a query at p sees keys p - window + 1 .. p.
+    return cfg.sliding_window if cfg.sliding_window else -1
+
+
+def attention_standard(g: GraphWriter, cfg: ModelConfig, x: str, qkv_w: str, qkv_b: str | None,
+                       layer: int, inp: Inputs, cos: str, sin: str) -> str:
+    i64 = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
+    nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = linear(g, x, qkv_w, qkv_b)
+    q, k, v = g.op("Split", [qkv, i64([nh * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
+    q = _heads(g, q, nh, hd)  # (B, nh, S, hd)
+    k = _heads(g, k, kv, hd)  # (B, kv, S, hd)
+    v = _heads(g, v, kv, hd)
+    cos_s = g.op("Gather", [cos, inp.positions], axis=0)  # (S, hd/2)
+    sin_s = g.op("Gather", [sin, inp.positions], axis=0)
+    q, k = _rotate(g, q, cos_s, sin_s), _rotate(g, k, cos_s, sin_s)
+    k = g.op("Concat", [io.past_key(layer), k], axis=2, outputs=[io.present_key(layer)])  # (B, kv, T, hd)
+    v = g.op("Concat", [io.past_value(layer), v], axis=2, outputs=[io.present_value(layer)])
+    # Group query heads under their kv head: (B, kv, nh/kv, S, hd) against (B, kv, 1, T, hd).
+    q = g.op("Reshape", [q, i64([0, kv, nh // kv, -1, hd])])
+    kt = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), i64([2])])  # (B, kv, 1, hd, T)
+    scores = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(np.array(hd ** -0.5, inp.dtype))])
+    probs = g.op("Softmax", [g.op("Add", [scores, inp.bias])], axis=-1)  # (B, kv, g, S, T)
+    ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [v, i64([2])])])  # (B, kv, g, S, hd)
+    ctx = g.op("Reshape", [ctx, i64([0, nh, -1, hd])])
+    ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, S, nh, hd)
+    return g.op("Reshape", [ctx, i64([0, 0, nh * hd])])
+
+
+def _heads(g: GraphWriter, x: str, n: int, hd: int) -> str:
+    x = g.op("Reshape", [x, g.const(np.array([0, 0, n, hd], np.int64))])
+    return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+
+
+def _rotate(g: GraphWriter, x: str, cos: str, sin: str) -> str:
+    """Rotate-half RoPE: x (B, h, S, hd) with cos/sin (S, hd/2)."""
+    x1, x2 = g.op("Split", [x], n_out=2, axis=-1)
+    out1 = g.op("Sub", [g.op("Mul", [x1, cos]), g.op("Mul", [x2, sin])])
+    out2 = g.op("Add", [g.op("Mul", [x2, cos]), g.op("Mul", [x1, sin])])
+    return g.op("Concat", [out1, out2], axis=-1)
+
+
+ATTENTION = {"gqa": attention_gqa, "standard": attention_standard}
+
+
+# ---- the decoder ----------------------------------------------------------------------------
+
+WeightFn = Callable[[str, "int | None"], np.ndarray]
+
+
+def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, read: WeightFn,
+                  has: Callable[[str, "int | None"], bool], inv_freq: np.ndarray,
+                  on_layer: Callable[[int], None] = lambda i: None) -> onnx.ModelProto:
+    """Reads each weight once, in order, through `read(key, layer)` (out, in) float32."""
+    dt = plan.np_dtype
+    cast = lambda a: np.asarray(a, dtype=dt)  # noqa: E731
+    cos_t, sin_t = rope_tables(cfg, inv_freq, dt)
+    cos, sin = g.weight("rope.cos", cos_t), g.weight("rope.sin", sin_t)
+    inp = gqa_inputs(g) if plan.attention == "gqa" else standard_inputs(g, cfg, dt)
+    attend = ATTENTION[plan.attention]
+
+    embed = g.weight("embed.weight", cast(read("embed", None)))  # (V, H)
+    x = g.op("Gather", [embed, io.INPUT_IDS], axis=0)  # (B, S, H)
+    h, residual = rms_norm(g, x, g.weight("layers.0.attn_norm", cast(read("attn_norm", 0))), cfg.rms_eps), x
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}"
+        qkv_w = g.weight(f"{p}.qkv.weight", cast(np.concatenate([read(k, i) for k in "qkv"]).T))
+        qkv_b = g.weight(f"{p}.qkv.bias", cast(np.concatenate([read(k + "_bias", i) for k in "qkv"]))) if cfg.qkv_bias else None
+        attn = attend(g, cfg, h, qkv_w, qkv_b, i, inp, cos, sin)
+        o_b = g.weight(f"{p}.o.bias", cast(read("o_bias", i))) if cfg.o_bias else None
+        attn = linear(g, attn, g.weight(f"{p}.o.weight", cast(read("o", i).T)), o_b)
+        h, residual = skip_rms_norm(g, attn, residual, g.weight(f"{p}.mlp_norm", cast(read("mlp_norm", i))), cfg.rms_eps)
+        gu_w = g.weight(f"{p}.gate_up.weight", cast(np.concatenate([read("gate", i), read("up", i)]).T))
+        gu_b = g.weight(f"{p}.gate_up.bias", cast(np.concatenate([read("gate_bias", i), read("up_bias", i)]))) if cfg.mlp_bias else None
+        act = swiglu(g, linear(g, h, gu_w, gu_b), cfg.intermediate_size)
+        d_b = g.weight(f"{p}.down.bias", cast(read("down_bias", i))) if cfg.mlp_bias else None
+        mlp = linear(g, act, g.weight(f"{p}.down.weight", cast(read("down", i).T)), d_b)
+        next_norm = (f"layers.{i + 1}.attn_norm", read("attn_norm", i + 1)) if i + 1 < cfg.num_layers else ("norm.weight", read("norm", None))
+        h, residual = skip_rms_norm(g, mlp, residual, g.weight(next_norm[0], cast(next_norm[1])), cfg.rms_eps)
+        on_layer(i)
+
+    head = embed if cfg.tie_embeddings or not has("lm_head", None) else g.weight("lm_head.weight", cast(read("lm_head", None)))
+    logits = lm_head(g, h, head, cfg.hidden_size, cfg.vocab_size)
+    if dt != np.float32:
+        logits = g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])
+    else:
+        g.nodes[-1].output[0] = io.LOGITS
+    return _model(g, cfg, plan)
+
+
+def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int) -> str:
+    """(B, S, H) x (V, H)^T -> (B, S, V) via Gemm(transB) so a tied table is stored once."""
+    flat = g.op("Reshape", [h, g.const(np.array([-1, hidden], np.int64))])
+    logits = g.op("Gemm", [flat, weight_v_h], transB=1)
+    lead = g.op("Shape", [io.INPUT_IDS])  # (2,) = B, S
+    shape = g.op("Concat", [lead, g.const(np.array([vocab], np.int64))], axis=0)
+    return g.op("Reshape", [logits, shape])
+
+
+def _model(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan) -> onnx.ModelProto:
+    kv_t = plan.onnx_dtype
+    kv_shape = lambda seq: ["batch", cfg.num_kv_heads, seq, cfg.head_dim]  # noqa: E731
+    inputs = [helper.make_tensor_value_info(io.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info(io.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
+    outputs = [helper.make_tensor_value_info(io.LOGITS, TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        inputs += [helper.make_tensor_value_info(n(i), kv_t, kv_shape("past_seq")) for n in (io.past_key, io.past_value)]
+        outputs += [helper.make_tensor_value_info(n(i), kv_t, kv_shape("total_seq")) for n in (io.present_key, io.present_value)]
+    graph = helper.make_graph(g.nodes, "edgellama_decoder", inputs, outputs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="edgellama", ir_version=9)

@@ -1,0 +1,60 @@
+"""Atomic output folders: write under a temporary name beside the target, rename when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from edgellama.runtime.errors import BadArgumentError, OutputExistsError
+
+
+@contextmanager
+def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `target`; on success it becomes `target`.
+
+    On any failure — an error, Ctrl-C, a full disk — the temporary folder is removed and
+    an existing `target` is left untouched.
+    """
+    target = check_target(target, force)
+    parent = target.parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise BadArgumentError(f"{parent}: cannot write here ({exc.strerror}); choose a writable output folder") from None
+    try:
+        yield tmp
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_target(target: Path, force: bool) -> Path:
+    """Refuse an unusable output path before any work is done; returns it absolute."""
+    target = Path(target).absolute()
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force to replace it")
+    if target.exists() and not target.is_dir():
+        raise BadArgumentError(f"{target}: exists and is not a folder; choose another output path")
+    if not target.parent.is_dir():
+        raise BadArgumentError(f"{target.parent}: output's parent folder does not exist; create it first")
+    return target
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""The contract between the exporter, the quantizer and the runtime.
+
+One home for the graph's I/O names, the KV-cache layout and the manifest schema.
+
+Graph I/O (names shared with optimum and onnxruntime-genai):
+  input_ids                      (batch, seq)                    int64
+  attention_mask                 (batch, total_seq)              int64
+  past_key_values.{i}.key/value  (batch, kv_heads, past_seq, head_dim)  float32|float16
+  logits                         (batch, seq, vocab)             float32
+  present.{i}.key/value          (batch, kv_heads, total_seq, head_dim)
+
+When the manifest says ``kv_buffer: "shared"``, the graph's attention also accepts a
+past buffer longer than the sequence so far (batch, kv_heads, max_seq, head_dim) with
+``present`` bound to the same memory; the valid length is given by attention_mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadModelFileError
+
+MANIFEST_NAME = "edgellama.json"
+MANIFEST_VERSION = 1
+GRAPH_NAME = "model.onnx"
+GRAPH_DATA_NAME = "model.onnx.data"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a model folder holds; written as edgellama.json beside model.onnx."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    dtype: str  # "fp32" | "fp16": activations and KV cache
+    weights: str  # "fp32" | "fp16" | "int8" | "int4" ...
+    attention: str  # "gqa" (com.microsoft GroupQueryAttention) | "standard"
+    kv_buffer: str  # "shared": past/present may share one max-length buffer | "concat"
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    add_bos_token: bool
+    has_position_ids: bool = False
+    quantization: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    tool: dict[str, Any] = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION
+
+    @property
+    def kv_numpy_dtype(self) -> str:
+        return KV_DTYPES[self.dtype]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise BadModelFileError(
+                f"{path}: no {MANIFEST_NAME} here; is this a folder written by 'edgellama export'?"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadModelFileError(f"{path}: unreadable manifest ({exc}); re-export the model") from None
+        if not isinstance(raw, dict):
+            raise BadModelFileError(f"{path}: manifest is not a JSON object; re-export the model")
+        version = raw.get("manifest_version")
+        if not isinstance(version, int) or version > MANIFEST_VERSION:
+            raise BadModelFileError(
+                f"{path}: manifest version {version!r} is newer than this edgellama understands "
+                f"(<= {MANIFEST_VERSION}); upgrade edgellama"
+            )
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise BadModelFileError(f"{path}: manifest is incomplete ({exc}); re-export the model") from None

@@ -1,0 +1,173 @@
+"""The embeddable API: load a model folder once, generate from many threads.
+
+    model = Model.load("smollm2-onnx")                 # provider="cpu", threads=None
+    for step in model.generate("The best thing about AI is", max_new_tokens=32):
+        print(step.text, end="", flush=True)
+    text = model.generate_text("Hello", max_new_tokens=16)
+    chat = model.chat(system="You are terse.")
+    reply = chat.send("What is ONNX?")
+
+A `Model` is read-only after loading and safe to share between threads; each
+generation (and each ChatSession) owns its own KV cache and IO binding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer
+
+from . import contract as io
+from .chat_template import ChatTemplate
+from .contract import Manifest
+from .errors import BadArgumentError, BadModelFileError
+from .generate import Decoder, Generation, GenerationConfig
+from .sampling import SamplingParams
+from .session import GraphIO, make_session
+
+
+class Model:
+    def __init__(self, folder: Path, manifest: Manifest, session, tokenizer: Tokenizer,
+                 chat_template: ChatTemplate | None, provider: str):
+        self.folder, self.manifest, self.session = folder, manifest, session
+        self.tokenizer, self.chat_template, self.provider = tokenizer, chat_template, provider
+        self.graph_io = GraphIO.from_session(session, str(folder / io.GRAPH_NAME))
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.shared_kv = manifest.kv_buffer == "shared"
+        self.device = "cuda" if provider == "cuda" else "cpu"
+
+    @classmethod
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
+        manifest = Manifest.load(folder)
+        tokenizer = _load_tokenizer(folder)
+        template = _load_chat_template(folder, tokenizer, manifest)
+        session = make_session(folder / io.GRAPH_NAME, provider, threads)
+        return cls(folder, manifest, session, tokenizer, template, provider)
+
+    # ---- facts --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.graph_io.vocab_size or self.manifest.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.manifest.eos_token_ids
+
+    # ---- text <-> ids -------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids as the model's tokenizer gives them (BOS only if the model adds one)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.chat_template is None:
+            raise BadArgumentError(f"{self.folder}: this model has no chat template; use a plain prompt")
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)  # the template writes BOS itself
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+                 **options) -> Generation:
+        """Stream `Step`s. `prompt` is text or token ids; options are GenerationConfig
+        fields (max_new_tokens, stop, ...) or SamplingParams fields (temperature, ...)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return Generation(self, ids, config or make_config(**options))
+
+    def generate_text(self, prompt: str | Sequence[int], **options) -> str:
+        gen = self.generate(prompt, **options)
+        for _ in gen:
+            pass
+        return gen.text
+
+    def chat(self, system: str | None = None, config: GenerationConfig | None = None, **options) -> "ChatSession":
+        return ChatSession(self, system, config or make_config(**options))
+
+
+def make_config(**options) -> GenerationConfig:
+    sampling_fields = set(SamplingParams.__dataclass_fields__)
+    unknown = set(options) - sampling_fields - set(GenerationConfig.__dataclass_fields__)
+    if unknown:
+        raise BadArgumentError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    sampling = SamplingParams(**{k: v for k, v in options.items() if k in sampling_fields})
+    rest = {k: v for k, v in options.items() if k not in sampling_fields}
+    if "stop" in rest:
+        rest["stop"] = tuple(rest["stop"])
+    if "stop_token_ids" in rest:
+        rest["stop_token_ids"] = tuple(rest["stop_token_ids"])
+    return GenerationConfig(sampling=sampling, **rest)
+
+
+class ChatSession:
+    """A conversation whose KV cache lives across turns: each turn prefills only the
+    tokens the cache does not already hold, so it equals re-running the whole history."""
+
+    def __init__(self, model: Model, system: str | None, config: GenerationConfig):
+        self.model, self.config = model, config
+        self.system = system
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._decoder: Decoder | None = None
+
+    def reset(self) -> None:
+        self.messages = self.messages[:1] if self.system else []
+        self._decoder = None
+
+    def stream(self, user_text: str) -> Generation:
+        """Generate the reply to `user_text`; the reply joins the history when consumed."""
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        ids = self.model.render_chat(messages)
+        if self._decoder is None:
+            self._decoder = Decoder(self.model, len(ids) + self.config.max_new_tokens)
+        def record(gen: Generation) -> None:
+            self.messages = messages + [{"role": "assistant", "content": gen.text}]
+
+        return Generation(self.model, ids, self.config, decoder=self._decoder, on_finish=record)
+
+    def send(self, user_text: str) -> str:
+        gen = self.stream(user_text)
+        for _ in gen:
+            pass
+        return gen.text
+
+
+def _load_tokenizer(folder: Path) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise BadModelFileError(f"{path}: tokenizer.json is missing; re-export the model")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise BadModelFileError(f"{path}: malformed tokenizer ({str(exc).splitlines()[0][:200]}); re-export the model") from None
+
+
+def _load_chat_template(folder: Path, tokenizer: Tokenizer, manifest: Manifest) -> ChatTemplate | None:
+    path = folder / "chat_template.jinja"
+    source = path.read_text(encoding="utf-8") if path.is_file() else None
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadModelFileError(f"{cfg_path}: not valid JSON ({exc}); re-export the model") from None
+    source = source or cfg.get("chat_template")
+    if not source:
+        return None
+    token = lambda tid: tokenizer.id_to_token(tid) if tid is not None else None  # noqa: E731
+    eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
+    return ChatTemplate(source, bos_token=_text(cfg.get("bos_token")) or token(manifest.bos_token_id),
+                        eos_token=_text(cfg.get("eos_token")) or token(eos))
+
+
+def _text(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok

@@ -1,0 +1,77 @@
+"""ONNX Runtime sessions: providers, threads, and what the graph's I/O says about its KV cache."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract as io
+from .errors import BadArgumentError, BadModelFileError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def make_session(graph: Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    if provider not in PROVIDERS:
+        raise BadArgumentError(f"provider {provider!r} is not supported; choose one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise BadArgumentError(
+            f"provider {provider!r} is not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu"
+        )
+    if threads is not None and threads < 1:
+        raise BadArgumentError(f"threads must be >= 1, got {threads}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads or _physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    try:
+        return ort.InferenceSession(str(graph), opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadModelFileError(f"{graph}: onnxruntime cannot load this graph ({first})") from None
+
+
+def _physical_cores() -> int:
+    n = os.cpu_count() or 1
+    return max(1, n // 2) if n >= 8 else n
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The KV-cache layout as the graph itself declares it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: np.dtype
+    vocab_size: int | None
+    has_position_ids: bool
+
+    @classmethod
+    def from_session(cls, sess: ort.InferenceSession, where: str) -> "GraphIO":
+        inputs = {i.name: i for i in sess.get_inputs()}
+        for name in (io.INPUT_IDS, io.ATTENTION_MASK, io.past_key(0)):
+            if name not in inputs:
+                raise BadModelFileError(f"{where}: graph has no input {name!r}; it is not a decoder with a KV cache")
+        layers = 0
+        while io.past_key(layers) in inputs:
+            layers += 1
+        past = inputs[io.past_key(0)]
+        shape = past.shape  # (batch, kv_heads, past_seq, head_dim)
+        if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+            raise BadModelFileError(f"{where}: {past.name} has shape {shape}; expected (batch, kv_heads, seq, head_dim)")
+        if past.type not in _ORT_TYPES:
+            raise BadModelFileError(f"{where}: {past.name} has type {past.type}; expected float or float16")
+        logits = {o.name: o for o in sess.get_outputs()}.get(io.LOGITS)
+        if logits is None:
+            raise BadModelFileError(f"{where}: graph has no output {io.LOGITS!r}")
+        vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        return cls(layers, shape[1], shape[3], np.dtype(_ORT_TYPES[past.type]), vocab, io.POSITION_IDS in inputs)

