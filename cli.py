@@ -38,12 +38,15 @@ def _friendly(fn):
 
 
 class _Bar:
-    """A progress bar on stderr, fed (done, total, what) callbacks."""
+    """A progress bar on stderr, fed (done, total, what) callbacks; silent unless stderr is a terminal."""
 
     def __init__(self, label: str):
         self.label, self.bar = label, None
+        self.enabled = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int, what: str) -> None:
+        if not self.enabled:
+            return
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
             self.bar.__enter__()

@@ -148,9 +148,7 @@ class HFCheckpoint(Checkpoint):
         return tokenizer_from_hf(self.folder)
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        self._maps.clear()  # arrays may still view the maps: let them close when unreferenced
 
 
 class GGUFCheckpoint(Checkpoint):

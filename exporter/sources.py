@@ -234,7 +234,10 @@ class GGUFFile:
         return GGMLQuantizationType(self.tensors[name].type).name
 
     def close(self) -> None:
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # arrays still view the map; it closes when they are gone
+            pass
 
 
 # GGUF tensor types the exporter dequantizes to float; others are refused by name.

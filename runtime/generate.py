@@ -36,6 +36,7 @@ class Decoder:
         self.binding = model.session.io_binding()
         self.cache = KVCache(model.graph_io, model.shared_kv, capacity, model.device)
         self.tokens: list[int] = []  # what the cache holds
+        self.fed = 0  # tokens run through the graph, over this decoder's life
         self._ids = np.zeros(capacity, np.int64)
         self._mask = np.ones(capacity, np.int64)
         self._pos = np.arange(capacity, dtype=np.int64)
@@ -82,6 +83,7 @@ class Decoder:
         outputs = dict(zip(bound, b.get_outputs())) if not self.cache.shared or n > 1 else {}
         self.cache.advance(n, outputs)
         self.tokens.extend(int(t) for t in chunk)
+        self.fed += n
         if n == 1:
             return self._step_logits[0, 0]
         return outputs[io.LOGITS].numpy()[0, -1]
