@@ -264,7 +264,7 @@ def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, read: Weigh
         on_layer(i)
 
     head = embed if cfg.tie_embeddings or not has("lm_head", None) else g.weight("lm_head.weight", cast(read("lm_head", None)))
-    logits = lm_head(g, h, head, cfg.hidden_size, cfg.vocab_size)
+    logits = lm_head(g, keep_last(g, h), head, cfg.hidden_size, cfg.vocab_size)
     if dt != np.float32:
         logits = g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])
     else:
@@ -272,11 +272,23 @@ def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, read: Weigh
     return _model(g, cfg, plan)
 
 
+def keep_last(g: GraphWriter, h: str) -> str:
+    """(B, S, H) -> (B, K, H): the last K = logits_to_keep positions; 0 (the default) keeps all.
+
+    A prefill only needs the last position's logits: skipping the others saves the
+    (S, H) x (H, V) product and an (S, V) output."""
+    k = io.LOGITS_TO_KEEP
+    g.initializers.append(numpy_helper.from_array(np.array(0, np.int64), k))  # overridable default
+    starts = g.op("Unsqueeze", [g.op("Neg", [k]), g.const(np.array([0], np.int64))])
+    big = g.const(np.array([np.iinfo(np.int64).max], np.int64))
+    return g.op("Slice", [h, starts, big, g.const(np.array([1], np.int64))])
+
+
 def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int) -> str:
-    """(B, S, H) x (V, H)^T -> (B, S, V) via Gemm(transB) so a tied table is stored once."""
+    """(B, K, H) x (V, H)^T -> (B, K, V) via Gemm(transB) so a tied table is stored once."""
     flat = g.op("Reshape", [h, g.const(np.array([-1, hidden], np.int64))])
     logits = g.op("Gemm", [flat, weight_v_h], transB=1)
-    lead = g.op("Shape", [io.INPUT_IDS])  # (2,) = B, S
+    lead = g.op("Slice", [g.op("Shape", [h]), g.const(np.array([0], np.int64)), g.const(np.array([2], np.int64))])
     shape = g.op("Concat", [lead, g.const(np.array([vocab], np.int64))], axis=0)
     return g.op("Reshape", [logits, shape])
 
@@ -285,7 +297,8 @@ def _model(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan) -> onnx.ModelProto
     kv_t = plan.onnx_dtype
     kv_shape = lambda seq: ["batch", cfg.num_kv_heads, seq, cfg.head_dim]  # noqa: E731
     inputs = [helper.make_tensor_value_info(io.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info(io.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"])]
+              helper.make_tensor_value_info(io.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+              helper.make_tensor_value_info(io.LOGITS_TO_KEEP, TensorProto.INT64, [])]
     outputs = [helper.make_tensor_value_info(io.LOGITS, TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
     for i in range(cfg.num_layers):
         inputs += [helper.make_tensor_value_info(n(i), kv_t, kv_shape("past_seq")) for n in (io.past_key, io.past_value)]

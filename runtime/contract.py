@@ -6,7 +6,8 @@ Graph I/O (names shared with optimum and onnxruntime-genai):
   input_ids                      (batch, seq)                    int64
   attention_mask                 (batch, total_seq)              int64
   past_key_values.{i}.key/value  (batch, kv_heads, past_seq, head_dim)  float32|float16
-  logits                         (batch, seq, vocab)             float32
+  logits_to_keep (optional)      ()  default 0 = every position  int64
+  logits                         (batch, seq or keep, vocab)     float32
   present.{i}.key/value          (batch, kv_heads, total_seq, head_dim)
 
 When the manifest says ``kv_buffer: "shared"``, the graph's attention also accepts a
@@ -32,6 +33,8 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Optional scalar input with default 0 (all positions): logits for the last K positions only.
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def past_key(layer: int) -> str:

@@ -41,6 +41,9 @@ class Decoder:
         self._mask = np.ones(capacity, np.int64)
         self._pos = np.arange(capacity, dtype=np.int64)
         self._step_logits = np.empty((1, 1, model.vocab_size), np.float32)
+        self._keep_one = np.ones((), np.int64)
+        if model.graph_io.has_logits_to_keep:  # only the last position's logits are ever needed
+            self.binding.bind_input(io.LOGITS_TO_KEEP, "cpu", 0, np.int64, [], self._keep_one.ctypes.data)
 
     @property
     def capacity(self) -> int:

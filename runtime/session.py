@@ -54,10 +54,11 @@ class GraphIO:
     kv_dtype: np.dtype
     vocab_size: int | None
     has_position_ids: bool
+    has_logits_to_keep: bool
 
     @classmethod
     def from_session(cls, sess: ort.InferenceSession, where: str) -> "GraphIO":
-        inputs = {i.name: i for i in sess.get_inputs()}
+        inputs = {i.name: i for i in sess.get_inputs() + sess.get_overridable_initializers()}
         for name in (io.INPUT_IDS, io.ATTENTION_MASK, io.past_key(0)):
             if name not in inputs:
                 raise BadModelFileError(f"{where}: graph has no input {name!r}; it is not a decoder with a KV cache")
@@ -74,4 +75,5 @@ class GraphIO:
         if logits is None:
             raise BadModelFileError(f"{where}: graph has no output {io.LOGITS!r}")
         vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
-        return cls(layers, shape[1], shape[3], np.dtype(_ORT_TYPES[past.type]), vocab, io.POSITION_IDS in inputs)
+        return cls(layers, shape[1], shape[3], np.dtype(_ORT_TYPES[past.type]), vocab,
+                   io.POSITION_IDS in inputs, io.LOGITS_TO_KEEP in inputs)

@@ -130,3 +130,16 @@ def test_output_folder_contents(tiny_factory, tmp_path):
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2
     assert genai["search"]["past_present_share_buffer"] is True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_logits_to_keep_returns_the_last_positions(tiny_factory, tmp_path):
+    folder, _ = tiny_factory()
+    export(folder, tmp_path / "out")
+    sess = _session(tmp_path / "out")
+    ids = np.arange(7)[None] + 3
+    full = run_plain(sess, ids, [7])
+    past = {i.name: np.zeros((1, 2, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: np.ones((1, 7), np.int64), **past}
+    last2 = sess.run([io.LOGITS], {**feeds, io.LOGITS_TO_KEEP: np.array(2, np.int64)})[0]
+    assert last2.shape == (1, 2, full.shape[-1])
+    np.testing.assert_allclose(last2, full[:, -2:], atol=1e-5)
