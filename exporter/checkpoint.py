@@ -18,7 +18,8 @@ from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 from .config import ModelConfig
 from .names import GGUF_NAMES, HF_NAMES, checkpoint_name
-from .sources import GGUFFile, TensorRef, dequantize_gguf, load_safetensor, read_json, read_safetensors_header
+from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor, read_json,
+                      read_safetensors_header, release_pages)
 from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -31,23 +32,34 @@ class Checkpoint:
     def has(self, key: str, layer: int | None = None) -> bool:
         raise NotImplementedError
 
-    def _read(self, key: str, layer: int | None) -> np.ndarray:
+    def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
+        """Checkpoint-layout shape, read from the header; raises if the tensor is missing."""
+        raise NotImplementedError
+
+    def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
         raise NotImplementedError
 
     def tokenizer(self) -> TokenizerFiles:
         raise NotImplementedError
 
-    def get(self, key: str, layer: int | None = None) -> np.ndarray:
-        """(shape from config.weight_shapes()[key]) float32."""
-        arr = self._read(key, layer)
+    def get(self, key: str, layer: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+        """float32 (out, in) tensor, or `rows` of it; its full shape is checked against
+        config.weight_shapes()[key] before anything is read."""
+        shape = self._shape(key, layer)
         expected = self.config.weight_shapes().get(key)
-        if expected is not None and tuple(arr.shape) != expected:
+        if expected is not None and tuple(shape) != expected:
             where = f"layer {layer} " if layer is not None else ""
             raise BadModelFileError(
-                f"{self.describe(key, layer)}: {where}{key} has shape {list(arr.shape)}, "
+                f"{self.describe(key, layer)}: {where}{key} has shape {list(shape)}, "
                 f"expected {list(expected)} from the model config"
             )
-        return arr
+        return self._read(key, layer, rows)
+
+    def row_chunks(self, key: str, layer: int | None = None, rows_per_chunk: int = 4096):
+        """Yield a big tensor (an embedding table) a few thousand rows at a time."""
+        total = self._shape(key, layer)[0]
+        for start in range(0, total, rows_per_chunk):
+            yield self.get(key, layer, slice(start, min(total, start + rows_per_chunk)))
 
     def describe(self, key: str, layer: int | None) -> str:
         return str(self.files[0])
@@ -131,18 +143,27 @@ class HFCheckpoint(Checkpoint):
         ref = self.refs.get(self._name(key, layer))
         return str(ref.path if ref else self.folder)
 
-    def _read(self, key: str, layer: int | None) -> np.ndarray:
+    def _ref(self, key: str, layer: int | None) -> TensorRef:
         name = self._name(key, layer)
         ref = self.refs.get(name)
         if ref is None:
             raise BadModelFileError(f"{self.folder}: tensor {name!r} is missing from the safetensors files")
+        if ref.dtype not in SAFETENSORS_FLOATS:
+            raise BadModelFileError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a float type")
+        return ref
+
+    def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
+        return self._ref(key, layer).shape
+
+    def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
+        ref = self._ref(key, layer)
         if ref.path not in self._maps:
             with open(ref.path, "rb") as f:
                 self._maps[ref.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        arr = load_safetensor(ref, self._maps[ref.path])
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise BadModelFileError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a float type")
-        return arr.astype(np.float32, copy=False)
+        mm = self._maps[ref.path]
+        arr = load_safetensor(ref, mm, rows)
+        release_pages(mm, ref.start, ref.end)
+        return arr
 
     def tokenizer(self) -> TokenizerFiles:
         return tokenizer_from_hf(self.folder)
@@ -167,11 +188,14 @@ class GGUFCheckpoint(Checkpoint):
     def has(self, key: str, layer: int | None = None) -> bool:
         return self._name(key, layer) in self.gguf.tensors
 
-    def _read(self, key: str, layer: int | None) -> np.ndarray:
+    def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
         name = self._name(key, layer)
         if name not in self.gguf.tensors:
             raise BadModelFileError(f"{self.gguf.path}: tensor {name!r} is missing")
-        arr = dequantize_gguf(self.gguf, name)
+        return self.gguf.tensors[name].shape
+
+    def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
+        arr = dequantize_gguf(self.gguf, self._name(key, layer), rows)
         if key in ("q", "k"):
             heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
             arr = unpermute_rotary_rows(arr, heads)

@@ -80,19 +80,8 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     progress(0, total, "layers")
     with open(folder / io.GRAPH_DATA_NAME, "wb") as data:
         g = GraphWriter(data, io.GRAPH_DATA_NAME)
-        model = build_decoder(g, cfg, plan, read=_reader(ckpt), has=ckpt.has, inv_freq=inv_freq,
-                              on_layer=lambda i: progress(i + 1, total, "layers"))
+        model = build_decoder(g, cfg, plan, ckpt, inv_freq, on_layer=lambda i: progress(i + 1, total, "layers"))
     onnx.save_model(model, folder / io.GRAPH_NAME)
-
-
-def _reader(ckpt: Checkpoint):
-    """Biases a checkpoint omits read as zeros only where the config says they may be absent."""
-    def read(key: str, layer: int | None) -> np.ndarray:
-        if key.endswith("_bias") and not ckpt.has(key, layer):
-            raise BadModelFileError(f"{ckpt.describe(key, layer)}: layer {layer} {key} is missing but the config says the model has biases")
-        return ckpt.get(key, layer)
-
-    return read
 
 
 def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path) -> Manifest:

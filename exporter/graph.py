@@ -12,7 +12,7 @@ Two attention variants, chosen by `choose_attention` from ONNX Runtime's constra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -65,13 +65,22 @@ class GraphWriter:
 
     def weight(self, name: str, arr: np.ndarray) -> str:
         """Stream one weight to external data; only its location stays in memory."""
-        arr = np.ascontiguousarray(arr)
+        return self.weight_chunks(name, [arr])
+
+    def weight_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> str:
+        """One weight written as consecutive row blocks (a big table never whole in memory)."""
         offset = -(-self.data.tell() // _ALIGN) * _ALIGN
         self.data.seek(offset)
-        self.data.write(arr.tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        rows, tail, dtype = 0, (), None
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk)
+            self.data.write(memoryview(chunk).cast("B"))
+            rows, tail, dtype = rows + (chunk.shape[0] if chunk.ndim else 1), chunk.shape[1:], chunk.dtype
+        shape = (rows, *tail) if tail or rows > 1 else (rows,)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        length = self.data.tell() - offset
+        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=k, value=v)
         self.initializers.append(t)
         return name
@@ -229,21 +238,27 @@ ATTENTION = {"gqa": attention_gqa, "standard": attention_standard}
 
 # ---- the decoder ----------------------------------------------------------------------------
 
-WeightFn = Callable[[str, "int | None"], np.ndarray]
+class Weights(Protocol):
+    """Float32 tensors in checkpoint layout (out, in) by logical name (see names.py)."""
+
+    def get(self, key: str, layer: int | None = None) -> np.ndarray: ...
+    def has(self, key: str, layer: int | None = None) -> bool: ...
+    def row_chunks(self, key: str, layer: int | None = None) -> Iterator[np.ndarray]: ...
 
 
-def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, read: WeightFn,
-                  has: Callable[[str, "int | None"], bool], inv_freq: np.ndarray,
+def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: Weights, inv_freq: np.ndarray,
                   on_layer: Callable[[int], None] = lambda i: None) -> onnx.ModelProto:
-    """Reads each weight once, in order, through `read(key, layer)` (out, in) float32."""
+    """Reads each weight once, in graph order, writing it out before reading the next."""
     dt = plan.np_dtype
+    read = weights.get
     cast = lambda a: np.asarray(a, dtype=dt)  # noqa: E731
+    table = lambda key: g.weight_chunks(f"{key}.weight", (cast(c) for c in weights.row_chunks(key)))  # noqa: E731
     cos_t, sin_t = rope_tables(cfg, inv_freq, dt)
     cos, sin = g.weight("rope.cos", cos_t), g.weight("rope.sin", sin_t)
     inp = gqa_inputs(g) if plan.attention == "gqa" else standard_inputs(g, cfg, dt)
     attend = ATTENTION[plan.attention]
 
-    embed = g.weight("embed.weight", cast(read("embed", None)))  # (V, H)
+    embed = table("embed")  # (V, H)
     x = g.op("Gather", [embed, io.INPUT_IDS], axis=0)  # (B, S, H)
     h, residual = rms_norm(g, x, g.weight("layers.0.attn_norm", cast(read("attn_norm", 0))), cfg.rms_eps), x
     for i in range(cfg.num_layers):
@@ -263,7 +278,7 @@ def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, read: Weigh
         h, residual = skip_rms_norm(g, mlp, residual, g.weight(next_norm[0], cast(next_norm[1])), cfg.rms_eps)
         on_layer(i)
 
-    head = embed if cfg.tie_embeddings or not has("lm_head", None) else g.weight("lm_head.weight", cast(read("lm_head", None)))
+    head = embed if cfg.tie_embeddings or not weights.has("lm_head") else table("lm_head")
     logits = lm_head(g, keep_last(g, h), head, cfg.hidden_size, cfg.vocab_size)
     if dt != np.float32:
         logits = g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])

@@ -88,12 +88,26 @@ def _check_no_overlap(path: Path, refs) -> None:
         last_end = max(last_end, ref.end)
 
 
-def load_safetensor(ref: TensorRef, mm: mmap.mmap) -> np.ndarray:
-    """Float tensors come back as float32 (bf16 widened exactly), in checkpoint layout."""
-    raw = np.frombuffer(mm, dtype=_ST_DTYPES[ref.dtype], count=(ref.end - ref.start) // np.dtype(_ST_DTYPES[ref.dtype]).itemsize, offset=ref.start)
+SAFETENSORS_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def load_safetensor(ref: TensorRef, mm: mmap.mmap, rows: slice = slice(None)) -> np.ndarray:
+    """float32 values (bf16 widened exactly) of a float tensor, or of `rows` of its first axis."""
+    dtype = np.dtype(_ST_DTYPES[ref.dtype])
+    raw = np.frombuffer(mm, dtype=dtype, count=(ref.end - ref.start) // dtype.itemsize, offset=ref.start)
+    raw = raw.reshape(ref.shape)
+    raw = raw[rows] if raw.ndim > 1 else raw
     if ref.dtype == "BF16":
-        raw = (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.reshape(ref.shape)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def release_pages(mm: mmap.mmap, start: int, end: int) -> None:
+    """madvise(DONTNEED) the whole pages inside [start, end) once read: RSS stays flat."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
@@ -228,6 +242,14 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.end - t.start, offset=t.start)
 
+    def release(self, name: str, rows: slice = slice(None)) -> None:
+        """Drop the file pages of a tensor already read from this process's resident set."""
+        t = self.tensors[name]
+        outer = t.shape[0] if len(t.shape) > 1 else 1
+        start, stop, _ = rows.indices(outer)
+        row_bytes = (t.end - t.start) // outer
+        release_pages(self._mm, t.start + start * row_bytes, t.start + stop * row_bytes)
+
     def type_name(self, name: str) -> str:
         from gguf import GGMLQuantizationType
 
@@ -244,8 +266,9 @@ class GGUFFile:
 GGUF_FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_K", "Q3_K", "Q2_K")
 
 
-def dequantize_gguf(gf: GGUFFile, name: str) -> np.ndarray:
-    """(shape) float32 values of one GGUF tensor, exactly as gguf-py dequantizes them."""
+def dequantize_gguf(gf: GGUFFile, name: str, rows: slice = slice(None)) -> np.ndarray:
+    """float32 values of one GGUF tensor (or of `rows` of its outermost axis), exactly as
+    gguf-py dequantizes them."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -256,16 +279,19 @@ def dequantize_gguf(gf: GGUFFile, name: str) -> np.ndarray:
             f"{gf.path}: tensor {name!r} has type {tname}, which is not supported; "
             f"supported: {', '.join(GGUF_FLOAT_TYPES)}"
         )
-    raw = gf.raw(name)
+    outer = t.shape[0] if len(t.shape) > 1 else 1
+    raw = gf.raw(name).reshape(outer, -1)[rows]  # (rows, bytes per row)
+    shape = (raw.shape[0], *t.shape[1:]) if len(t.shape) > 1 else t.shape
     if tname == "F32":
-        return raw.view(np.float32).reshape(t.shape)
-    if tname == "F16":
-        return raw.view(np.float16).astype(np.float32).reshape(t.shape)
-    if tname == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
-    qtype = GGMLQuantizationType(t.type)
-    rows = raw.reshape(-1, raw.size // max(1, int(np.prod(t.shape[:-1], dtype=np.int64))))
-    return dequantize(rows, qtype).astype(np.float32, copy=False).reshape(t.shape)
+        out = raw.view(np.float32)
+    elif tname == "F16":
+        out = raw.view(np.float16).astype(np.float32)
+    elif tname == "BF16":
+        out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = dequantize(raw, GGMLQuantizationType(t.type)).astype(np.float32, copy=False)
+    gf.release(name, rows)
+    return out.reshape(shape)
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -43,7 +43,7 @@ class Model:
         folder = Path(folder)
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
-        manifest = Manifest.load(folder)
+        manifest = _load_manifest(folder)
         tokenizer = _load_tokenizer(folder)
         template = _load_chat_template(folder, tokenizer, manifest)
         session = make_session(folder / io.GRAPH_NAME, provider, threads)
@@ -140,6 +140,39 @@ class ChatSession:
         return gen.text
 
 
+def _load_manifest(folder: Path) -> Manifest:
+    """Ours, or one derived from config.json for a folder written by `optimum-cli export onnx`."""
+    if (folder / io.MANIFEST_NAME).is_file() or not (folder / "config.json").is_file():
+        return Manifest.load(folder)
+    cfg = _read_json(folder / "config.json")
+    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    try:
+        heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+        return Manifest(
+            architecture=(cfg.get("architectures") or ["unknown"])[0], num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=hidden, num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
+            context_length=int(cfg.get("max_position_embeddings", 2048)), dtype="fp32", weights="fp32",
+            attention="standard", kv_buffer="concat", bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            add_bos_token=bool(tok_cfg.get("add_bos_token", False)), source={"format": "optimum"},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadModelFileError(f"{folder / 'config.json'}: cannot describe this model ({exc!r})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadModelFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadModelFileError(f"{path}: expected a JSON object")
+    return data
+
+
 def _load_tokenizer(folder: Path) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -154,12 +187,7 @@ def _load_chat_template(folder: Path, tokenizer: Tokenizer, manifest: Manifest) 
     path = folder / "chat_template.jinja"
     source = path.read_text(encoding="utf-8") if path.is_file() else None
     cfg_path = folder / "tokenizer_config.json"
-    cfg = {}
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadModelFileError(f"{cfg_path}: not valid JSON ({exc}); re-export the model") from None
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
     source = source or cfg.get("chat_template")
     if not source:
         return None

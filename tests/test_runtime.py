@@ -1,0 +1,128 @@
+"""The generation loop: shared vs concatenated KV, stopping, threads, context limits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import PROMPT_IDS
+from edgellama.exporter.export import ExportOptions, export
+from edgellama.runtime.errors import BadArgumentError, ContextOverflowError
+from edgellama.runtime.generate import StopStrings
+from edgellama.runtime.model import Model
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_onnx):
+    return Model.load(smollm2_onnx, threads=2)
+
+
+def _ids(gen):
+    return [s.token_id for s in gen if s.token_id is not None]
+
+
+def test_shared_buffer_equals_concat_path(tiny_factory, tmp_path):
+    folder, _ = tiny_factory()
+    export(folder, tmp_path / "gqa")
+    export(folder, tmp_path / "std", ExportOptions(attention="standard"))
+    shared, concat = Model.load(tmp_path / "gqa"), Model.load(tmp_path / "std")
+    assert shared.shared_kv and not concat.shared_kv
+    prompt = list(range(3, 40))  # longer than one chunk would be with a small PREFILL_CHUNK
+    a = _ids(shared.generate(prompt, max_new_tokens=30, ignore_eos=True))
+    b = _ids(concat.generate(prompt, max_new_tokens=30, ignore_eos=True))
+    assert a == b and len(a) == 30
+
+
+def test_chunked_prefill_equals_one_pass(tiny_factory, tmp_path, monkeypatch):
+    from edgellama.runtime import generate
+
+    folder, _ = tiny_factory()
+    export(folder, tmp_path / "m")
+    model = Model.load(tmp_path / "m")
+    prompt = list(range(3, 60))
+    whole = _ids(model.generate(prompt, max_new_tokens=10, ignore_eos=True))
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 7)
+    assert _ids(model.generate(prompt, max_new_tokens=10, ignore_eos=True)) == whole
+
+
+def test_stop_string_is_not_emitted(smol):
+    full = smol.generate_text(PROMPT_IDS, max_new_tokens=40)
+    assert "automate" in full
+    gen = smol.generate(PROMPT_IDS, max_new_tokens=40, stop=["automate"])
+    text = "".join(s.text for s in gen)
+    assert text == full[: full.index("automate")]
+    assert gen.finish_reason == "stop"
+
+
+def test_length_and_eos_finish_reasons(smol):
+    gen = smol.generate(PROMPT_IDS, max_new_tokens=3)
+    assert len(_ids(gen)) == 3 and gen.finish_reason == "length"
+    chat = smol.generate(smol.render_chat([{"role": "user", "content": "Say hi."}]), max_new_tokens=200)
+    list(chat)
+    assert chat.finish_reason == "eos"
+
+
+def test_streamed_pieces_equal_full_decode(smol):
+    gen = smol.generate("Écris un poème sur la mer 🌊 et 東京:", max_new_tokens=48, temperature=0.8, seed=3)
+    pieces = [s.text for s in gen]
+    assert "".join(pieces) == smol.decode(gen.completion_ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_context_overflow_is_refused_before_running(smol):
+    with pytest.raises(ContextOverflowError, match="context is 8192"):
+        smol.generate([504] * 8192, max_new_tokens=1)
+
+
+def test_generation_clamped_to_context(tiny_factory, tmp_path):
+    folder, _ = tiny_factory(max_position_embeddings=32)
+    export(folder, tmp_path / "m")
+    model = Model.load(tmp_path / "m")
+    gen = model.generate(list(range(3, 28)), max_new_tokens=100, ignore_eos=True)
+    assert len(_ids(gen)) == 32 - 25 and gen.finish_reason == "length"
+
+
+def test_unknown_option_and_bad_values(smol):
+    with pytest.raises(BadArgumentError, match="unknown generation option"):
+        smol.generate("hi", max_tokens=3)
+    with pytest.raises(BadArgumentError, match="max_new_tokens"):
+        smol.generate("hi", max_new_tokens=0)
+    with pytest.raises(BadArgumentError, match="empty"):
+        smol.generate("", max_new_tokens=2)
+
+
+def test_four_threads_share_one_model(smol):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The best thing about AI is"]
+    greedy = {p: smol.generate_text(p, max_new_tokens=24) for p in prompts}
+    sampled = {p: smol.generate_text(p, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=11) for p in prompts}
+    results: dict[str, tuple[str, str]] = {}
+
+    def work(p: str) -> None:
+        results[p] = (smol.generate_text(p, max_new_tokens=24),
+                      smol.generate_text(p, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=11))
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {p: r[0] for p, r in results.items()} == greedy
+    assert {p: r[1] for p, r in results.items()} == sampled
+
+
+@pytest.mark.parametrize("stops, pieces, expected, hit", [
+    (["END"], ["abc", "E", "N", "D", "x"], "abc", True),
+    (["END"], ["abc", "EN", "x"], "abcENx", False),
+    (["\n\n"], ["a\n", "\nb"], "a", True),
+    ([], ["a", "b"], "ab", False),
+])
+def test_stop_strings_hold_back_partial_matches(stops, pieces, expected, hit):
+    s = StopStrings(stops)
+    out = ""
+    for p in pieces:
+        out += s.feed(p)
+        if s.hit:
+            break
+    out += s.flush()
+    assert out == expected and s.hit == hit
