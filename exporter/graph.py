@@ -53,15 +53,15 @@ def choose_attention(cfg: ModelConfig) -> tuple[str, str]:
 class GraphWriter:
     """Collects nodes; appends each weight to the external data file as it arrives."""
 
-    def __init__(self, data: BinaryIO, data_name: str):
-        self.data, self.data_name = data, data_name
+    def __init__(self, data: BinaryIO, data_name: str, prefix: str = ""):
+        self.data, self.data_name, self.prefix = data, data_name, prefix
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
 
     def fresh(self, hint: str) -> str:
         self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{self.prefix}{hint}_{self._count}"
 
     def weight(self, name: str, arr: np.ndarray) -> str:
         """Stream one weight to external data; only its location stays in memory."""

@@ -1,0 +1,235 @@
+"""Block quantization schemes for ONNX Runtime's MatMulNBits / GatherBlockQuantized.
+
+A weight W (N, K) — N outputs, K inputs, checkpoint layout — is cut into blocks of
+`block` along K. Every scheme returns a `BlockQuant`:
+
+    symmetric   W[n, k] = scale[n, b] * (q[n, k] - 2^(bits-1))           (default zero point)
+    float-min   W[n, k] = scale[n, b] * q[n, k] + min[n, b]              (zero point 0)
+
+The float-min form is llama.cpp's Q4_1 / Q4_K grid. MatMulNBits runs it exactly and on
+its fast path (uint8 zero points of 0, never float zero points, which are ~100x slower on
+CPU); the min term is added as blocksum(x) @ min^T, a (K/block x N) product.
+
+Each scheme is one small class registered in SCHEMES by name; `quantize` returns the
+quantized weight, and `BlockQuant.error(w)` measures what it cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from edgellama.runtime.errors import BadArgumentError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    bits: int
+    block: int
+    q: np.ndarray  # (N, nb, block) uint8 codes in [0, 2^bits); nb = ceil(K / block)
+    scales: np.ndarray  # (N, nb) float32
+    mins: np.ndarray | None = None  # (N, nb) float32 for float-min schemes
+    cols: int = 0  # K; the last block is padded when block does not divide K (0: no padding)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, nb, bs = self.q.shape
+        return n, self.cols or nb * bs
+
+    @property
+    def zero(self) -> int:
+        return 0 if self.mins is not None else 1 << (self.bits - 1)
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32, computed the way the kernels do: scale * (q - zero) [+ min]."""
+        w = (self.q.astype(np.float32) - self.zero) * self.scales[..., None]
+        if self.mins is not None:
+            w = w + self.mins[..., None]
+        return w.reshape(len(w), -1)[:, : self.shape[1]]
+
+    def error(self, w: np.ndarray) -> float:
+        """Relative Frobenius error ||W - deq(Q(W))|| / ||W||."""
+        return float(np.linalg.norm(self.dequantize() - w) / max(np.linalg.norm(w), 1e-30))
+
+    def packed(self) -> np.ndarray:
+        """(N, K/block, block*bits/8) uint8 as MatMulNBits wants B: low nibble first."""
+        if self.bits == 8:
+            return np.ascontiguousarray(self.q)
+        return (self.q[..., 0::2] | (self.q[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_rows(self) -> np.ndarray:
+        """(N, K*bits/8) uint8: unpadded rows, as GatherBlockQuantized wants its data."""
+        n, k = self.shape
+        q = self.q.reshape(n, -1)[:, :k]
+        return q if self.bits == 8 else (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """(N, ceil(nb*bits/8)) uint8 of zeros for float-min schemes; None = default zero."""
+        if self.mins is None:
+            return None
+        n, nb, _ = self.q.shape
+        return np.zeros((n, -(-nb * self.bits // 8)), np.uint8)
+
+    def rows(self, index) -> "BlockQuant":
+        """A subset or permutation of output rows."""
+        return replace(self, q=self.q[index], scales=self.scales[index],
+                       mins=None if self.mins is None else self.mins[index])
+
+    def widened(self, bits: int, block: int) -> "BlockQuant":
+        """The same values at more bits and/or a smaller block (exact), e.g. to concatenate."""
+        out = self
+        if block < out.block:
+            split = out.block // block
+            n, nb, _ = out.q.shape
+            rep = lambda a: None if a is None else np.repeat(a, split, axis=1)  # noqa: E731
+            out = BlockQuant(out.bits, block, out.q.reshape(n, nb * split, block), rep(out.scales), rep(out.mins),
+                             out.cols)
+        if bits > out.bits:
+            shift = (1 << (bits - 1)) - out.zero if out.mins is None else 0
+            out = replace(out, bits=bits, q=(out.q.astype(np.int32) + shift).astype(np.uint8))
+        return out
+
+
+def concat_rows(parts: list[BlockQuant]) -> BlockQuant:
+    """Stack output rows of several weights (q, k, v -> qkv) at a common bits/block/form."""
+    bits, block = max(p.bits for p in parts), min(p.block for p in parts)
+    parts = [p.widened(bits, block) for p in parts]
+    if len({p.mins is None for p in parts}) > 1:  # mixed forms: express symmetric as float-min
+        parts = [_as_float_min(p) for p in parts]
+    mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
+    return BlockQuant(bits, block, np.concatenate([p.q for p in parts]),
+                      np.concatenate([p.scales for p in parts]), mins, parts[0].cols)
+
+
+def _as_float_min(p: BlockQuant) -> BlockQuant:
+    if p.mins is not None:
+        return p
+    return replace(p, mins=(-p.zero * p.scales).astype(np.float32))
+
+
+# ---- schemes ------------------------------------------------------------------------------
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """(N, K) -> (N, ceil(K/block), block) float32. A partial last block is padded by
+    repeating its last value, which changes neither its range nor its best fit much."""
+    n, k = w.shape
+    if block not in BLOCK_SIZES:
+        raise BadArgumentError(f"block size {block} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if k % 2:
+        raise BadArgumentError(f"input size {k} is odd; 4-bit packing needs an even number of columns")
+    w = np.asarray(w, np.float32)
+    if k % block:
+        w = np.pad(w, ((0, 0), (0, -k % block)), mode="edge")
+    return w.reshape(n, -1, block)
+
+
+def _with_cols(bq: BlockQuant, k: int) -> BlockQuant:
+    return bq if bq.q.shape[1] * bq.block == k else replace(bq, cols=k)
+
+
+def rtn_symmetric(w: np.ndarray, bits: int, block: int) -> BlockQuant:
+    """Round to nearest, zero at 2^(bits-1); the largest-magnitude value maps to -2^(bits-1)
+    exactly (llama.cpp's Q4_0 / Q8_0 choice, one more level than absmax / (2^(bits-1) - 1))."""
+    x = _blocks(w, block)
+    half = 1 << (bits - 1)
+    idx = np.abs(x).argmax(-1)[..., None]
+    extreme = np.take_along_axis(x, idx, -1)[..., 0]  # signed value of largest |x|
+    scale = (extreme / -half if bits == 4 else np.abs(extreme) / (half - 1)).astype(np.float32)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.clip(np.rint(x * inv[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
+    return BlockQuant(bits, block, q, scale)
+
+
+def rtn_float_min(w: np.ndarray, bits: int, block: int) -> BlockQuant:
+    """Round to nearest on [min, max] of each block: scale = (max - min) / (2^bits - 1)."""
+    x = _blocks(w, block)
+    lo, hi = x.min(-1), x.max(-1)
+    scale = ((hi - lo) / ((1 << bits) - 1)).astype(np.float32)
+    return _fit_codes(x, bits, scale, lo.astype(np.float32))
+
+
+def _fit_codes(x: np.ndarray, bits: int, scale: np.ndarray, lo: np.ndarray) -> BlockQuant:
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, (1 << bits) - 1).astype(np.uint8)
+    return BlockQuant(bits, x.shape[-1], q, scale, lo)
+
+
+def mse_float_min(w: np.ndarray, bits: int, block: int, shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75), iters: int = 4) -> BlockQuant:
+    """Least-squares (scale, min) per block: from the symmetric grid and several clipped
+    ranges, alternate rounding the codes and solving the 2x2 normal equations for scale
+    and min; keep the best fit of each block. Recovers weights that already lie on a
+    Q4_0 / Q4_1 / Q8_0 grid exactly."""
+    x = _blocks(w, block)
+    lo, hi = x.min(-1), x.max(-1)
+    levels = (1 << bits) - 1
+    # Start from the symmetric grid, written in float-min form (min = -zero * scale):
+    # blocks that came from Q4_0 / Q8_0 data stay exact.
+    best = _as_float_min(rtn_symmetric(w, bits, block))
+    best_err = _block_sq_error(best, x)
+    for s in shrinks:
+        mid, half = (lo + hi) / 2, (hi - lo) * s / 2
+        scale, m = (2 * half / levels).astype(np.float32), (mid - half).astype(np.float32)
+        for _ in range(iters):
+            cand = _fit_codes(x, bits, scale, m)
+            scale, m = _least_squares(x, cand.q.astype(np.float32), scale, m)
+        cand = _fit_codes(x, bits, scale, m)
+        err = _block_sq_error(cand, x)
+        better = err < best_err
+        best = _pick(better, cand, best)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def _block_sq_error(bq: BlockQuant, x: np.ndarray) -> np.ndarray:
+    """(N, nb) squared error of each (padded) block."""
+    w = (bq.q.astype(np.float32) - bq.zero) * bq.scales[..., None]
+    if bq.mins is not None:
+        w = w + bq.mins[..., None]
+    return ((w - x) ** 2).sum(-1)
+
+
+def _least_squares(x: np.ndarray, q: np.ndarray, scale: np.ndarray, m: np.ndarray):
+    """argmin over (s, m) of sum (s*q + m - x)^2 per block; keeps the old fit where singular."""
+    n = x.shape[-1]
+    sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
+    det = n * sqq - sq * sq
+    ok = det > 1e-12
+    safe = np.where(ok, det, 1.0)
+    new_s = np.where(ok, (n * sqx - sq * sx) / safe, scale)
+    new_m = np.where(ok, (sx - new_s * sq) / n, m)
+    return new_s.astype(np.float32), new_m.astype(np.float32)
+
+
+def _pick(mask: np.ndarray, a: BlockQuant, b: BlockQuant) -> BlockQuant:
+    return BlockQuant(a.bits, a.block, np.where(mask[..., None], a.q, b.q),
+                      np.where(mask, a.scales, b.scales), np.where(mask, a.mins, b.mins))
+
+
+# name -> (description, quantize(w, bits, block) -> BlockQuant)
+SCHEMES: dict[str, tuple[str, Callable[[np.ndarray, int, int], BlockQuant]]] = {
+    "rtn-symmetric": ("round to nearest, symmetric (Q4_0 / Q8_0 style)", rtn_symmetric),
+    "rtn-asymmetric": ("round to nearest on each block's [min, max] (Q4_1 style)", rtn_float_min),
+    "mse-asymmetric": ("least-squares scale and min per block (Q4_K style search)", mse_float_min),
+}
+METHODS = ("rtn", "mse")
+
+
+def scheme_name(method: str, symmetric: bool) -> str:
+    name = f"{method}-{'symmetric' if symmetric else 'asymmetric'}"
+    if name not in SCHEMES:
+        raise BadArgumentError(f"method {method!r} with {'--symmetric' if symmetric else '--asymmetric'} is not "
+                               f"available; choose one of {', '.join(SCHEMES)}")
+    return name
+
+
+def quantize(w: np.ndarray, bits: int, block: int, scheme: str) -> BlockQuant:
+    if bits not in BITS:
+        raise BadArgumentError(f"--bits {bits} is not supported; choose 4 or 8")
+    if scheme not in SCHEMES:
+        raise BadArgumentError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return _with_cols(SCHEMES[scheme][1](w, bits, block), w.shape[1])
