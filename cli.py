@@ -64,6 +64,38 @@ def main(debug: bool) -> None:
     """Take a Llama-family model to a laptop or an edge device."""
 
 
+def _quant_options(default_bits: str | None):
+    """--bits and friends, shared by `export` (optional) and `quantize`."""
+    options = [
+        click.option("--bits", type=click.Choice(["4", "8"]), default=default_bits, show_default=True,
+                     help="Block-quantize weights (MatMulNBits)." if default_bits is None else None),
+        click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True),
+        click.option("--symmetric/--asymmetric", default=False, show_default=True,
+                     help="Asymmetric keeps a float minimum per block (exact on Q4_1/Q4_K grids)."),
+        click.option("--method", type=click.Choice(["rtn", "mse"]), default="mse", show_default=True,
+                     help="rtn: round to nearest; mse: least-squares scale/min search per block."),
+        click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default="4", show_default=True,
+                     help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0 = float (slow on CPU)."),
+        click.option("--embeddings", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True),
+        click.option("--lm-head", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True),
+    ]
+
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+def _quant(kw: dict, force: bool):
+    from edgellama.quantize.rewrite import QuantOptions
+
+    return QuantOptions(bits=int(kw["bits"]), block_size=int(kw["block_size"]), symmetric=kw["symmetric"],
+                        method=kw["method"], accuracy_level=int(kw["accuracy_level"]),
+                        embeddings=kw["embeddings"], lm_head=kw["lm_head"], force=force)
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
@@ -72,18 +104,78 @@ def main(debug: bool) -> None:
 @click.option("--attention", type=click.Choice(["auto", "gqa", "standard"]), default="auto", show_default=True,
               help="auto: GroupQueryAttention where ONNX Runtime supports the shape, else standard ops.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@_quant_options(default_bits=None)
 @_friendly
-def export(source: Path, output_dir: Path, dtype: str, attention: str, force: bool) -> None:
-    """Export SOURCE (a Hugging Face folder or a .gguf file) to an ONNX model folder."""
+def export(source: Path, output_dir: Path, dtype: str, attention: str, force: bool, **kw) -> None:
+    """Export SOURCE (a Hugging Face folder or a .gguf file) to an ONNX model folder.
+
+    With --bits, weights are block-quantized as they stream (the float graph is never
+    written); GGUF Q4_0 / Q4_1 / Q8_0 blocks are carried over exactly."""
     from edgellama.exporter.export import ExportOptions, export as run_export
 
+    quant = _quant(kw, force) if kw["bits"] else None
     bar = _Bar("exporting")
     try:
-        manifest = run_export(source, output_dir, ExportOptions(dtype=dtype, force=force, attention=attention), bar)
+        options = ExportOptions(dtype=dtype, force=force, attention=attention, quant=quant)
+        manifest = run_export(source, output_dir, options, bar)
     finally:
         bar.close()
     click.echo(f"wrote {output_dir} ({manifest.architecture}, {manifest.num_layers} layers, "
                f"{manifest.dtype}, attention={manifest.attention})", err=True)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@_quant_options(default_bits="4")
+@_friendly
+def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
+    """Quantize a float model folder from `edgellama export` to int4 / int8 (MatMulNBits)."""
+    from edgellama.quantize.rewrite import quantize_folder
+
+    bar = _Bar("quantizing")
+    try:
+        manifest = quantize_folder(model_dir, output_dir, _quant(kw, force), bar)
+    finally:
+        bar.close()
+    q = manifest.quantization
+    click.echo(f"wrote {output_dir} (int{kw['bits']}, block {kw['block_size']}, {q['scheme']}, "
+               f"{q['quantized_weights']} weights, mean relative error {q['mean_relative_error']:.4f})", err=True)
+
+
+@main.command(name="eval")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Another model folder: also report mean KL divergence and top-1 agreement against it.")
+@click.option("--window", type=int, default=512, show_default=True)
+@click.option("--stride", type=int, default=None, help="Default: the window (non-overlapping).")
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", type=PROVIDERS, default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int, stride: int | None,
+          threads: int | None, provider: str, as_json: bool) -> None:
+    """Perplexity of MODEL_DIR over a text (and KL / agreement against a reference)."""
+    import json
+
+    from edgellama.runtime.evaluate import evaluate
+    from edgellama.runtime.model import Model
+
+    model = Model.load(model_dir, provider=provider, threads=threads)
+    ref = Model.load(reference, provider=provider, threads=threads) if reference else None
+    bar = _Bar("evaluating")
+    try:
+        result = evaluate(model, text_file.read_text(encoding="utf-8"), window, stride, ref, bar)
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
+    if result.kl is not None:
+        click.echo(f"KL {result.kl:.5f} nats/token, top-1 agreement {result.top1_agreement * 100:.2f} %")
 
 
 @main.command()

@@ -45,6 +45,10 @@ class Checkpoint:
     def get(self, key: str, layer: int | None = None, rows: slice = slice(None)) -> np.ndarray:
         """float32 (out, in) tensor, or `rows` of it; its full shape is checked against
         config.weight_shapes()[key] before anything is read."""
+        self.check_shape(key, layer)
+        return self._read(key, layer, rows)
+
+    def check_shape(self, key: str, layer: int | None = None) -> tuple[int, ...]:
         shape = self._shape(key, layer)
         expected = self.config.weight_shapes().get(key)
         if expected is not None and tuple(shape) != expected:
@@ -53,13 +57,18 @@ class Checkpoint:
                 f"{self.describe(key, layer)}: {where}{key} has shape {list(shape)}, "
                 f"expected {list(expected)} from the model config"
             )
-        return self._read(key, layer, rows)
+        return tuple(shape)
 
     def row_chunks(self, key: str, layer: int | None = None, rows_per_chunk: int = 4096):
         """Yield a big tensor (an embedding table) a few thousand rows at a time."""
         total = self._shape(key, layer)[0]
         for start in range(0, total, rows_per_chunk):
             yield self.get(key, layer, slice(start, min(total, start + rows_per_chunk)))
+
+    def block_quant(self, key: str, layer: int | None = None):
+        """The tensor's own block-quantized form (quantize.schemes.BlockQuant) when the
+        source stores it in one that maps exactly; None otherwise."""
+        return None
 
     def describe(self, key: str, layer: int | None) -> str:
         return str(self.files[0])
@@ -200,6 +209,20 @@ class GGUFCheckpoint(Checkpoint):
             heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
             arr = unpermute_rotary_rows(arr, heads)
         return arr
+
+    def block_quant(self, key: str, layer: int | None = None):
+        from edgellama.quantize.gguf_blocks import GGUF_NATIVE, from_gguf
+
+        name = self._name(key, layer)
+        shape = self.check_shape(key, layer)
+        if self.gguf.type_name(name) not in GGUF_NATIVE or len(shape) != 2:
+            return None
+        bq = from_gguf(self.gguf.type_name(name), self.gguf.raw(name), shape)
+        self.gguf.release(name)
+        if key in ("q", "k"):
+            heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
+            bq = bq.rows(unpermute_rotary_rows(np.arange(shape[0]), heads))
+        return bq
 
     def tokenizer(self) -> TokenizerFiles:
         return tokenizer_from_gguf(self.gguf.metadata)

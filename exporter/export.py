@@ -31,6 +31,7 @@ class ExportOptions:
     dtype: str = "fp32"
     force: bool = False
     attention: str = "auto"  # "auto" | "gqa" | "standard"
+    quant: object | None = None  # quantize.rewrite.QuantOptions: write a block-quantized graph directly
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -52,9 +53,9 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
         tok = ckpt.tokenizer()
         plan = _plan(ckpt.config, options)
         with atomic_folder(out_dir, force=options.force) as tmp:
-            _write_graph(ckpt, plan, tmp, progress)
+            quant = _write_graph(ckpt, plan, tmp, progress, options.quant)
             write_tokenizer(tok, tmp)
-            manifest = _manifest(ckpt, plan, tok, source)
+            manifest = _manifest(ckpt, plan, tok, source, quant)
             (tmp / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
             (tmp / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
         return manifest
@@ -71,7 +72,8 @@ def _plan(cfg: ModelConfig, options: ExportOptions) -> GraphPlan:
     return GraphPlan(dtype=options.dtype, attention=attention)
 
 
-def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Progress) -> None:
+def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Progress, quant) -> dict | None:
+    """Writes model.onnx(.data); returns the quantization record (None for a float graph)."""
     cfg = ckpt.config
     inv_freq = cfg.rope.inv_freq(cfg.head_dim)
     if ckpt.has("rope_freqs"):  # Llama 3.1 GGUFs carry the llama3 scaling as per-frequency divisors
@@ -80,11 +82,20 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     progress(0, total, "layers")
     with open(folder / io.GRAPH_DATA_NAME, "wb") as data:
         g = GraphWriter(data, io.GRAPH_DATA_NAME)
-        model = build_decoder(g, cfg, plan, ckpt, inv_freq, on_layer=lambda i: progress(i + 1, total, "layers"))
+        proj = None
+        if quant is not None:
+            from edgellama.quantize.streaming import QuantProjections
+
+            proj = QuantProjections(quant, plan.np_dtype)
+        model = build_decoder(g, cfg, plan, ckpt, inv_freq, proj, on_layer=lambda i: progress(i + 1, total, "layers"))
     onnx.save_model(model, folder / io.GRAPH_NAME)
+    if proj is None:
+        return None
+    return {**quant.record(), "mean_relative_error": float(np.mean(proj.errors)) if proj.errors else 0.0,
+            "quantized_weights": len(proj.errors), "exact_from_source": proj.native}
 
 
-def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path) -> Manifest:
+def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path, quant: dict | None) -> Manifest:
     cfg = ckpt.config
     return Manifest(
         architecture=cfg.architecture,
@@ -96,7 +107,8 @@ def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Pa
         vocab_size=cfg.vocab_size,
         context_length=cfg.context_length,
         dtype=plan.dtype,
-        weights=plan.dtype,
+        weights=f"int{quant['bits']}" if quant else plan.dtype,
+        quantization=quant,
         attention=plan.attention,
         kv_buffer="shared" if plan.attention == "gqa" else "concat",
         bos_token_id=tok.bos_token_id,

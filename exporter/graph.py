@@ -110,11 +110,6 @@ def skip_rms_norm(g: GraphWriter, x: str, skip: str, weight: str, eps: float) ->
     return out, summed
 
 
-def linear(g: GraphWriter, x: str, w_in_out: str, bias: str | None = None) -> str:
-    y = g.op("MatMul", [x, w_in_out])
-    return g.op("Add", [y, bias]) if bias else y
-
-
 def swiglu(g: GraphWriter, gate_up: str, inter: int) -> str:
     """(B, S, 2I) -> (B, S, I): silu(gate) * up."""
     split = g.const(np.array([inter, inter], np.int64), "split")
@@ -175,10 +170,9 @@ def standard_inputs(g: GraphWriter, cfg: ModelConfig, dtype: np.dtype) -> Inputs
 
 # ---- attention ------------------------------------------------------------------------------
 
-def attention_gqa(g: GraphWriter, cfg: ModelConfig, x: str, qkv_w: str, qkv_b: str | None,
-                  layer: int, inp: Inputs, cos: str, sin: str) -> str:
-    """x (B, S, H) -> (B, S, nh*hd); present.{layer} written in place when buffers are shared."""
-    qkv = linear(g, x, qkv_w, qkv_b)  # (B, S, (nh + 2 kv) hd)
+def attention_gqa(g: GraphWriter, cfg: ModelConfig, qkv: str, layer: int, inp: Inputs, cos: str, sin: str) -> str:
+    """qkv (B, S, (nh + 2 kv) hd) -> (B, S, nh*hd); present.{layer} written in place when
+    buffers are shared."""
     attrs = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5),
                  do_rotary=1, rotary_interleaved=0, local_window_size=_gqa_window(cfg))
     out, _, _ = g.op(
@@ -195,11 +189,9 @@ def _gqa_window(cfg: ModelConfig) -> int:
     return cfg.sliding_window if cfg.sliding_window else -1
 
 
-def attention_standard(g: GraphWriter, cfg: ModelConfig, x: str, qkv_w: str, qkv_b: str | None,
-                       layer: int, inp: Inputs, cos: str, sin: str) -> str:
+def attention_standard(g: GraphWriter, cfg: ModelConfig, qkv: str, layer: int, inp: Inputs, cos: str, sin: str) -> str:
     i64 = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
     nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = linear(g, x, qkv_w, qkv_b)
     q, k, v = g.op("Split", [qkv, i64([nh * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
     q = _heads(g, q, nh, hd)  # (B, nh, S, hd)
     k = _heads(g, k, kv, hd)  # (B, kv, S, hd)
@@ -246,42 +238,66 @@ class Weights(Protocol):
     def row_chunks(self, key: str, layer: int | None = None) -> Iterator[np.ndarray]: ...
 
 
+class FloatProjections:
+    """How weights become graph pieces in a float export; quantize.streaming has the
+    block-quantized twin with the same three methods."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self._table: str | None = None
+
+    def linear(self, g: GraphWriter, x: str, name: str, w: Weights, keys: Sequence[str], layer: int) -> str:
+        """x (..., K) -> (..., N) with W = the `keys` weights stacked on N."""
+        mat = np.concatenate([w.get(k, layer) for k in keys])  # (N, K)
+        return g.op("MatMul", [x, g.weight(f"{name}.weight", np.asarray(mat.T, self.dtype))])
+
+    def embedding(self, g: GraphWriter, w: Weights) -> str:
+        """input_ids (B, S) -> (B, S, H); the (V, H) table is streamed in row chunks."""
+        self._table = g.weight_chunks("embed.weight", (np.asarray(c, self.dtype) for c in w.row_chunks("embed")))
+        return g.op("Gather", [self._table, io.INPUT_IDS], axis=0)
+
+    def lm_head(self, g: GraphWriter, h: str, w: Weights, cfg: ModelConfig) -> str:
+        """(B, K, H) -> (B, K, V) float32 logits; a tied table is stored once."""
+        table = self._table if cfg.tie_embeddings or not w.has("lm_head") else g.weight_chunks(
+            "lm_head.weight", (np.asarray(c, self.dtype) for c in w.row_chunks("lm_head")))
+        return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
+
+
 def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: Weights, inv_freq: np.ndarray,
-                  on_layer: Callable[[int], None] = lambda i: None) -> onnx.ModelProto:
+                  proj=None, on_layer: Callable[[int], None] = lambda i: None) -> onnx.ModelProto:
     """Reads each weight once, in graph order, writing it out before reading the next."""
     dt = plan.np_dtype
-    read = weights.get
-    cast = lambda a: np.asarray(a, dtype=dt)  # noqa: E731
-    table = lambda key: g.weight_chunks(f"{key}.weight", (cast(c) for c in weights.row_chunks(key)))  # noqa: E731
+    proj = proj or FloatProjections(dt)
+    small = lambda name, key, layer=None: g.weight(name, np.asarray(weights.get(key, layer), dt))  # noqa: E731
+    bias = lambda name, keys, layer, on: (  # noqa: E731
+        g.weight(name, np.asarray(np.concatenate([weights.get(k, layer) for k in keys]), dt)) if on else None)
+    add = lambda y, b: g.op("Add", [y, b]) if b else y  # noqa: E731
     cos_t, sin_t = rope_tables(cfg, inv_freq, dt)
     cos, sin = g.weight("rope.cos", cos_t), g.weight("rope.sin", sin_t)
     inp = gqa_inputs(g) if plan.attention == "gqa" else standard_inputs(g, cfg, dt)
     attend = ATTENTION[plan.attention]
 
-    embed = table("embed")  # (V, H)
-    x = g.op("Gather", [embed, io.INPUT_IDS], axis=0)  # (B, S, H)
-    h, residual = rms_norm(g, x, g.weight("layers.0.attn_norm", cast(read("attn_norm", 0))), cfg.rms_eps), x
+    x = proj.embedding(g, weights)  # (B, S, H)
+    h, residual = rms_norm(g, x, small("layers.0.attn_norm", "attn_norm", 0), cfg.rms_eps), x
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
-        qkv_w = g.weight(f"{p}.qkv.weight", cast(np.concatenate([read(k, i) for k in "qkv"]).T))
-        qkv_b = g.weight(f"{p}.qkv.bias", cast(np.concatenate([read(k + "_bias", i) for k in "qkv"]))) if cfg.qkv_bias else None
-        attn = attend(g, cfg, h, qkv_w, qkv_b, i, inp, cos, sin)
-        o_b = g.weight(f"{p}.o.bias", cast(read("o_bias", i))) if cfg.o_bias else None
-        attn = linear(g, attn, g.weight(f"{p}.o.weight", cast(read("o", i).T)), o_b)
-        h, residual = skip_rms_norm(g, attn, residual, g.weight(f"{p}.mlp_norm", cast(read("mlp_norm", i))), cfg.rms_eps)
-        gu_w = g.weight(f"{p}.gate_up.weight", cast(np.concatenate([read("gate", i), read("up", i)]).T))
-        gu_b = g.weight(f"{p}.gate_up.bias", cast(np.concatenate([read("gate_bias", i), read("up_bias", i)]))) if cfg.mlp_bias else None
-        act = swiglu(g, linear(g, h, gu_w, gu_b), cfg.intermediate_size)
-        d_b = g.weight(f"{p}.down.bias", cast(read("down_bias", i))) if cfg.mlp_bias else None
-        mlp = linear(g, act, g.weight(f"{p}.down.weight", cast(read("down", i).T)), d_b)
-        next_norm = (f"layers.{i + 1}.attn_norm", read("attn_norm", i + 1)) if i + 1 < cfg.num_layers else ("norm.weight", read("norm", None))
-        h, residual = skip_rms_norm(g, mlp, residual, g.weight(next_norm[0], cast(next_norm[1])), cfg.rms_eps)
+        qkv = add(proj.linear(g, h, f"{p}.qkv", weights, ("q", "k", "v"), i),
+                  bias(f"{p}.qkv.bias", ("q_bias", "k_bias", "v_bias"), i, cfg.qkv_bias))
+        attn = attend(g, cfg, qkv, i, inp, cos, sin)
+        attn = add(proj.linear(g, attn, f"{p}.o", weights, ("o",), i), bias(f"{p}.o.bias", ("o_bias",), i, cfg.o_bias))
+        h, residual = skip_rms_norm(g, attn, residual, small(f"{p}.mlp_norm", "mlp_norm", i), cfg.rms_eps)
+        gate_up = add(proj.linear(g, h, f"{p}.gate_up", weights, ("gate", "up"), i),
+                      bias(f"{p}.gate_up.bias", ("gate_bias", "up_bias"), i, cfg.mlp_bias))
+        act = swiglu(g, gate_up, cfg.intermediate_size)
+        mlp = add(proj.linear(g, act, f"{p}.down", weights, ("down",), i), bias(f"{p}.down.bias", ("down_bias",), i, cfg.mlp_bias))
+        last = i + 1 == cfg.num_layers
+        norm = small("norm.weight", "norm") if last else small(f"layers.{i + 1}.attn_norm", "attn_norm", i + 1)
+        h, residual = skip_rms_norm(g, mlp, residual, norm, cfg.rms_eps)
         on_layer(i)
 
-    head = embed if cfg.tie_embeddings or not weights.has("lm_head") else table("lm_head")
-    logits = lm_head(g, keep_last(g, h), head, cfg.hidden_size, cfg.vocab_size)
-    if dt != np.float32:
-        logits = g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])
+    logits = proj.lm_head(g, keep_last(g, h), weights, cfg)
+    if dt != np.float32 or g.nodes[-1].output[0] != logits:
+        g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])
     else:
         g.nodes[-1].output[0] = io.LOGITS
     return _model(g, cfg, plan)

@@ -38,7 +38,8 @@ class QuantOptions:
     method: str = "mse"
     accuracy_level: int = 4  # 4: int8 activations (MLAS' fast path on CPU); 0: float
     embeddings: str = "int8"
-    lm_head: str = "same"  # "same" as --bits, or one of TABLE_CHOICES
+    # int8 by default: on SmolLM2 an int4 lm_head alone costs +7 % perplexity (measured).
+    lm_head: str = "int8"  # or "same" as --bits, or one of TABLE_CHOICES
     force: bool = False
 
     def __post_init__(self) -> None:

@@ -165,37 +165,40 @@ def mse_float_min(w: np.ndarray, bits: int, block: int, shrinks=(1.0, 0.95, 0.9,
     and min; keep the best fit of each block. Recovers weights that already lie on a
     Q4_0 / Q4_1 / Q8_0 grid exactly."""
     x = _blocks(w, block)
+    valid = (np.arange(x.shape[1] * block) < w.shape[1]).reshape(1, -1, block)  # padded tail: 0
     lo, hi = x.min(-1), x.max(-1)
     levels = (1 << bits) - 1
     # Start from the symmetric grid, written in float-min form (min = -zero * scale):
     # blocks that came from Q4_0 / Q8_0 data stay exact.
     best = _as_float_min(rtn_symmetric(w, bits, block))
-    best_err = _block_sq_error(best, x)
+    best_err = _block_sq_error(best, x, valid)
     for s in shrinks:
         mid, half = (lo + hi) / 2, (hi - lo) * s / 2
         scale, m = (2 * half / levels).astype(np.float32), (mid - half).astype(np.float32)
         for _ in range(iters):
             cand = _fit_codes(x, bits, scale, m)
-            scale, m = _least_squares(x, cand.q.astype(np.float32), scale, m)
+            scale, m = _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
         cand = _fit_codes(x, bits, scale, m)
-        err = _block_sq_error(cand, x)
+        err = _block_sq_error(cand, x, valid)
         better = err < best_err
         best = _pick(better, cand, best)
         best_err = np.where(better, err, best_err)
     return best
 
 
-def _block_sq_error(bq: BlockQuant, x: np.ndarray) -> np.ndarray:
-    """(N, nb) squared error of each (padded) block."""
+def _block_sq_error(bq: BlockQuant, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(N, nb) squared error of each block over its real (unpadded) columns."""
     w = (bq.q.astype(np.float32) - bq.zero) * bq.scales[..., None]
     if bq.mins is not None:
         w = w + bq.mins[..., None]
-    return ((w - x) ** 2).sum(-1)
+    return (((w - x) ** 2) * valid).sum(-1)
 
 
-def _least_squares(x: np.ndarray, q: np.ndarray, scale: np.ndarray, m: np.ndarray):
-    """argmin over (s, m) of sum (s*q + m - x)^2 per block; keeps the old fit where singular."""
-    n = x.shape[-1]
+def _least_squares(x: np.ndarray, q: np.ndarray, valid: np.ndarray, scale: np.ndarray, m: np.ndarray):
+    """argmin over (s, m) of sum (s*q + m - x)^2 over each block's real columns; keeps the
+    old fit where the system is singular."""
+    q, x = q * valid, x * valid
+    n = valid.sum(-1)
     sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
     det = n * sqq - sq * sq
     ok = det > 1e-12

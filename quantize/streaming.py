@@ -1,0 +1,63 @@
+"""Block-quantized projections for `edgellama export --bits`: the float graph is never written.
+
+Each weight is read, quantized (or taken exactly from the GGUF's own blocks when they map
+to MatMulNBits' form and fit in the requested bits) and written before the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edgellama.runtime import contract as io
+
+from .nodes import gather_block_quantized, matmul_nbits
+from .rewrite import QuantOptions
+from .schemes import BlockQuant, concat_rows, quantize
+
+
+class QuantProjections:
+    """Same interface as exporter.graph.FloatProjections."""
+
+    def __init__(self, options: QuantOptions, dtype: np.dtype):
+        self.opt, self.dtype = options, dtype
+        self.sums: dict = {}
+        self.errors: list[float] = []
+        self.native = 0  # weights imported exactly from source blocks
+        self._table: BlockQuant | None = None
+
+    def _weight(self, w, key: str, layer: int | None, bits: int) -> BlockQuant:
+        native = w.block_quant(key, layer)
+        if native is not None and native.bits <= bits:
+            self.native += 1
+            self.errors.append(0.0)
+            return native.widened(bits, native.block) if native.bits < bits else native
+        mat = w.get(key, layer)
+        bq = quantize(mat, bits, self.opt.block_size, self.opt.scheme)
+        self.errors.append(bq.error(mat))
+        return bq
+
+    def linear(self, g, x: str, name: str, w, keys: Sequence[str], layer: int) -> str:
+        bq = concat_rows([self._weight(w, k, layer, self.opt.bits) for k in keys])
+        return matmul_nbits(g, x, bq, name, self.dtype, self.opt.accuracy_level, block_sums=self.sums)
+
+    def embedding(self, g, w) -> str:
+        bits = self.opt.table_bits("embeddings")
+        if bits is None:
+            table = g.weight_chunks("embed.weight", (np.asarray(c, self.dtype) for c in w.row_chunks("embed")))
+            return g.op("Gather", [table, io.INPUT_IDS], axis=0)
+        self._table = self._weight(w, "embed", None, bits)
+        return gather_block_quantized(g, self._table, io.INPUT_IDS, "embed", self.dtype)
+
+    def lm_head(self, g, h: str, w, cfg) -> str:
+        bits = self.opt.table_bits("lm_head")
+        key = "embed" if cfg.tie_embeddings or not w.has("lm_head") else "lm_head"
+        if bits is None:
+            from edgellama.exporter.graph import lm_head
+
+            table = g.weight_chunks(f"{key}.weight", (np.asarray(c, self.dtype) for c in w.row_chunks(key)))
+            return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
+        same = key == "embed" and self._table is not None and self._table.bits == bits
+        bq = self._table if same else self._weight(w, key, None, bits)
+        return matmul_nbits(g, h, bq, "lm_head", self.dtype, self.opt.accuracy_level, block_sums=self.sums)

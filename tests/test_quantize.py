@@ -1,0 +1,211 @@
+"""Quantization: exact schemes, GGUF blocks byte for byte, quantized graphs against float."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import PROMPT_IDS
+from edgellama.cli import main
+from edgellama.exporter.export import ExportOptions, export
+from edgellama.quantize.gguf_blocks import from_gguf
+from edgellama.quantize.rewrite import QuantOptions, quantize_folder
+from edgellama.quantize.schemes import SCHEMES, BlockQuant, concat_rows, quantize
+from edgellama.runtime.errors import BadArgumentError
+from edgellama.runtime.evaluate import evaluate, full_logits
+from edgellama.runtime.model import Model
+
+RNG = np.random.default_rng(0)
+
+
+# ---- schemes ------------------------------------------------------------------------------
+
+def _on_grid(bits: int, symmetric: bool, shape=(16, 128), block=32) -> np.ndarray:
+    n, k = shape
+    levels = 1 << bits
+    q = RNG.integers(0, levels, (n, k // block, block))
+    q[..., 0], q[..., 1] = 0, levels - 1  # every block spans the whole grid
+    scale = RNG.uniform(0.01, 0.1, (n, k // block, 1))
+    if symmetric:
+        return ((q - levels // 2) * scale).reshape(n, k).astype(np.float32)
+    return (q * scale + RNG.uniform(-1, 0, (n, k // block, 1))).reshape(n, k).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scheme", ["rtn-asymmetric", "mse-asymmetric"])
+def test_values_on_a_float_min_grid_round_trip_exactly(bits, scheme):
+    w = _on_grid(bits, symmetric=False)
+    bq = quantize(w, bits, 32, scheme)
+    # exact up to float32 rounding of the fitted scale and min (relative to the block's range)
+    np.testing.assert_allclose(bq.dequantize(), w, rtol=0, atol=1e-6 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_values_on_a_symmetric_grid_round_trip(scheme):
+    w = _on_grid(4, symmetric=True)
+    np.testing.assert_allclose(quantize(w, 4, 32, scheme).dequantize(), w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("bits, bound", [(4, 0.12), (8, 0.008)])
+def test_error_bound_on_random_weights(scheme, bits, bound):
+    w = RNG.standard_normal((64, 256)).astype(np.float32)
+    assert quantize(w, bits, 32, scheme).error(w) < bound
+
+
+def test_mse_beats_round_to_nearest():
+    w = RNG.standard_normal((64, 512)).astype(np.float32)
+    assert quantize(w, 4, 128, "mse-asymmetric").error(w) < 0.93 * quantize(w, 4, 128, "rtn-asymmetric").error(w)
+
+
+def test_partial_last_block_and_widening_are_exact():
+    w = RNG.standard_normal((8, 80)).astype(np.float32)  # 80 = 2.5 blocks of 32
+    bq = quantize(w, 4, 32, "mse-asymmetric")
+    assert bq.shape == (8, 80) and bq.packed().shape == (8, 3, 16) and bq.packed_rows().shape == (8, 40)
+    wide = bq.widened(8, 16)
+    np.testing.assert_allclose(wide.dequantize(), bq.dequantize(), atol=1e-6)
+    sym = quantize(w, 4, 32, "rtn-symmetric")
+    both = concat_rows([sym, bq])
+    np.testing.assert_allclose(both.dequantize(), np.concatenate([sym.dequantize(), bq.dequantize()]), atol=1e-6)
+
+
+def test_bad_scheme_arguments():
+    w = RNG.standard_normal((4, 64)).astype(np.float32)
+    with pytest.raises(BadArgumentError, match="block size 48"):
+        quantize(w, 4, 48, "rtn-asymmetric")
+    with pytest.raises(BadArgumentError, match="--bits 3"):
+        quantize(w, 3, 32, "rtn-asymmetric")
+    with pytest.raises(BadArgumentError, match="unknown quantization scheme"):
+        quantize(w, 4, 32, "gptq")
+    with pytest.raises(BadArgumentError, match="--method"):
+        QuantOptions(method="awq")
+
+
+# ---- GGUF blocks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_equal_gguf_py_dequantize_bit_for_bit(type_name):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    w = RNG.standard_normal((12, 96)).astype(np.float32)
+    raw = gguf_quantize(w, GGMLQuantizationType[type_name])
+    bq = from_gguf(type_name, raw.reshape(-1), w.shape)
+    assert np.array_equal(bq.dequantize(), dequantize(raw, GGMLQuantizationType[type_name]))
+
+
+def test_smollm2_gguf_blocks_equal_gguf_py(smollm2_gguf):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from edgellama.exporter.sources import GGUFFile
+
+    gf = GGUFFile(smollm2_gguf)
+    for name in ("blk.0.ffn_down.weight", "token_embd.weight"):  # Q4_1, Q8_0
+        t = gf.tensors[name]
+        raw = gf.raw(name)
+        bq = from_gguf(gf.type_name(name), raw, t.shape)
+        ref = dequantize(raw.reshape(t.shape[0], -1), GGMLQuantizationType(t.type))
+        assert np.array_equal(bq.dequantize(), ref), name
+
+
+# ---- graphs -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_float(tmp_path_factory):
+    from conftest import make_tiny
+
+    root = tmp_path_factory.mktemp("tinyq")
+    make_tiny(root / "hf", hidden_size=128, intermediate_size=256, initializer_range=0.05)
+    export(root / "hf", root / "fp32")
+    return root
+
+
+# Relative RMS logit error on random weights (no structure: the worst case for 4 bits);
+# measured 0.013 / 0.038 / 0.18 / 0.18.
+@pytest.mark.parametrize("bits, level, bound", [(8, 0, 0.03), (8, 4, 0.08), (4, 0, 0.3), (4, 4, 0.3)])
+def test_quantized_tiny_model_stays_close_to_float(tiny_float, bits, level, bound):
+    out = tiny_float / f"q{bits}-{level}"
+    quantize_folder(tiny_float / "fp32", out, QuantOptions(bits=bits, accuracy_level=level, embeddings="int8", force=True))
+    ids = list(RNG.integers(3, 300, 24))
+    ref = full_logits(Model.load(tiny_float / "fp32"), ids)
+    got = full_logits(Model.load(out), ids)
+    assert np.linalg.norm(got - ref) < bound * np.linalg.norm(ref)
+    manifest = json.loads((out / "edgellama.json").read_text())
+    assert manifest["weights"] == f"int{bits}" and manifest["quantization"]["bits"] == bits
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
+
+
+def test_streaming_export_bits_equals_quantize_of_float_export(tiny_float):
+    export(tiny_float / "hf", tiny_float / "stream-q4", ExportOptions(quant=QuantOptions(bits=4, accuracy_level=0)))
+    quantize_folder(tiny_float / "fp32", tiny_float / "rewrite-q4", QuantOptions(bits=4, accuracy_level=0))
+    ids = list(range(5, 30))
+    a = full_logits(Model.load(tiny_float / "stream-q4"), ids)
+    b = full_logits(Model.load(tiny_float / "rewrite-q4"), ids)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_lossless_gguf_import_matches_float_graph(smollm2_gguf, smollm2_onnx, tmp_path):
+    out = tmp_path / "q4"
+    manifest = export(smollm2_gguf, out, ExportOptions(quant=QuantOptions(bits=4, accuracy_level=0)))
+    q = manifest.quantization
+    assert q["exact_from_source"] == q["quantized_weights"] == 30 * 7 + 1  # 7 per layer + the tied table
+    ref = full_logits(Model.load(smollm2_onnx, threads=2), PROMPT_IDS)
+    got = full_logits(Model.load(out, threads=2), PROMPT_IDS)
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def test_eval_perplexity_matches_an_independent_computation(tiny_float, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = "The quick brown fox jumps over the lazy dog. def f(x): return x * 2 " * 6
+    model = Model.load(tiny_float / "fp32")
+    result = evaluate(model, text, window=32)
+    ids = model.encode(text)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_float / "hf").eval()
+    nll, n = 0.0, 0
+    for start in range(0, len(ids), 32):
+        chunk = torch.tensor([ids[start:start + 32]])
+        if chunk.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(chunk).logits[0, :-1].double(), -1)
+        nll -= logp[torch.arange(chunk.shape[1] - 1), chunk[0, 1:]].sum().item()
+        n += chunk.shape[1] - 1
+    assert result.tokens == n
+    assert result.perplexity == pytest.approx(np.exp(nll / n), rel=1e-4)
+    against_itself = evaluate(model, text, window=32, reference=model)
+    assert against_itself.kl == pytest.approx(0, abs=1e-9) and against_itself.top1_agreement == 1.0
+
+
+def test_cli_quantize_and_eval_json(tiny_float, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "q8"
+    r = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(out), "--bits", "8"])
+    assert r.exit_code == 0, r.output
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    r = runner.invoke(main, ["eval", str(out), "--text", str(text), "--reference", str(tiny_float / "fp32"),
+                             "--window", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert set(data) == {"perplexity", "tokens", "kl", "top1_agreement"} and data["perplexity"] > 1
+
+
+def test_cli_quantize_refusals_write_nothing(tiny_float, tmp_path):
+    runner = CliRunner()
+    q = tmp_path / "q"
+    assert runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(q)]).exit_code == 0
+    again = runner.invoke(main, ["quantize", str(q), str(tmp_path / "qq")])
+    assert again.exit_code != 0 and "already quantized" in again.output and not (tmp_path / "qq").exists()
+    bad_block = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "b"), "--block-size", "48"])
+    assert bad_block.exit_code != 0 and not (tmp_path / "b").exists()
+    bad_method = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "m"), "--method", "gptq"])
+    assert bad_method.exit_code != 0 and not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
