@@ -180,6 +180,30 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--provider", type=PROVIDERS, default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--no-cold", is_flag=True, help="Skip the fresh-process time-to-first-token runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def bench(model_dir: Path, prompt_tokens: int, new_tokens: int, runs: int, provider: str,
+          threads: int | None, no_cold: bool, as_json: bool) -> None:
+    """Prefill / decode tok/s, time to first token, peak RSS and size of MODEL_DIR."""
+    from edgellama.runtime.bench import bench as run_bench
+    from edgellama.runtime.bench import format_result
+
+    bar = _Bar("benchmarking")
+    try:
+        result = run_bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, not no_cold, bar)
+    finally:
+        bar.close()
+    click.echo(result.to_json() if as_json else format_result(result))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
 @_friendly
 def inspect(model_dir: Path) -> None:
     """Print a model folder's manifest and its graph's inputs and outputs."""
