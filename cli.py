@@ -72,8 +72,9 @@ def _quant_options(default_bits: str | None):
         click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True),
         click.option("--symmetric/--asymmetric", default=False, show_default=True,
                      help="Asymmetric keeps a float minimum per block (exact on Q4_1/Q4_K grids)."),
-        click.option("--method", type=click.Choice(["rtn", "mse"]), default="mse", show_default=True,
-                     help="rtn: round to nearest; mse: least-squares scale/min search per block."),
+        click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp"]), default="mse", show_default=True,
+                     help="rtn: round to nearest; mse: least-squares scale and float min per block (exact on "
+                          "GGUF grids); mse-zp: least squares with integer zero points (fewer ops, faster)."),
         click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default="4", show_default=True,
                      help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0 = float (slow on CPU)."),
         click.option("--embeddings", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True),

@@ -34,7 +34,7 @@ class QuantProjections:
             self.errors.append(0.0)
             return native.widened(bits, native.block) if native.bits < bits else native
         mat = w.get(key, layer)
-        bq = quantize(mat, bits, self.opt.block_size, self.opt.scheme)
+        bq = quantize(mat, bits, self.opt.block_size, self.opt.scheme_for(bits))
         self.errors.append(bq.error(mat))
         return bq
 

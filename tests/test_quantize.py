@@ -59,6 +59,34 @@ def test_error_bound_on_random_weights(scheme, bits, bound):
 def test_mse_beats_round_to_nearest():
     w = RNG.standard_normal((64, 512)).astype(np.float32)
     assert quantize(w, 4, 128, "mse-asymmetric").error(w) < 0.93 * quantize(w, 4, 128, "rtn-asymmetric").error(w)
+    zp = quantize(w, 4, 128, "mse-zeropoint").error(w)
+    assert zp < quantize(w, 4, 128, "rtn-asymmetric").error(w)
+    assert zp < 0.95 * quantize(w, 4, 128, "rtn-symmetric").error(w)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_point_form_packs_and_runs(bits, tmp_path):
+    """mse-zeropoint's uint8 zero points reach MatMulNBits and give x @ deq(W)^T."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edgellama.exporter.graph import GraphWriter
+    from edgellama.quantize.nodes import matmul_nbits
+
+    w = RNG.standard_normal((24, 80)).astype(np.float32)  # 2.5 blocks: padded zero points too
+    bq = quantize(w, bits, 32, "mse-zeropoint")
+    assert bq.zeros is not None and bq.mins is None
+    with open(tmp_path / "d.bin", "wb") as data:
+        g = GraphWriter(data, "d.bin")
+        matmul_nbits(g, "x", bq, "w", np.float32, 0, out="y")
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 80])],
+                              [helper.make_tensor_value_info("y", 1, None)], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = RNG.standard_normal((2, 80)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ bq.dequantize().T, atol=1e-4)
 
 
 def test_partial_last_block_and_widening_are_exact():
