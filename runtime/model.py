@@ -33,7 +33,8 @@ class Model:
                  chat_template: ChatTemplate | None, provider: str):
         self.folder, self.manifest, self.session = folder, manifest, session
         self.tokenizer, self.chat_template, self.provider = tokenizer, chat_template, provider
-        self.graph_io = GraphIO.from_session(session, str(folder / io.GRAPH_NAME))
+        self.graph_io = GraphIO.from_session(session, str(folder / io.GRAPH_NAME), manifest.num_kv_heads,
+                                             manifest.head_dim)
         self.output_names = [o.name for o in session.get_outputs()]
         self.shared_kv = manifest.kv_buffer == "shared"
         self.device = "cuda" if provider == "cuda" else "cpu"
@@ -141,9 +142,14 @@ class ChatSession:
 
 
 def _load_manifest(folder: Path) -> Manifest:
-    """Ours, or one derived from config.json for a folder written by `optimum-cli export onnx`."""
-    if (folder / io.MANIFEST_NAME).is_file() or not (folder / "config.json").is_file():
+    """Ours, or one derived from genai_config.json (onnxruntime-genai's builder) or from
+    config.json (`optimum-cli export onnx`)."""
+    if (folder / io.MANIFEST_NAME).is_file():
         return Manifest.load(folder)
+    if (folder / "genai_config.json").is_file():
+        return _manifest_from_genai(folder)
+    if not (folder / "config.json").is_file():
+        return Manifest.load(folder)  # raises: names the missing manifest
     cfg = _read_json(folder / "config.json")
     gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
@@ -161,6 +167,28 @@ def _load_manifest(folder: Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadModelFileError(f"{folder / 'config.json'}: cannot describe this model ({exc!r})") from None
+
+
+def _manifest_from_genai(folder: Path) -> Manifest:
+    cfg = _read_json(folder / "genai_config.json")
+    try:
+        model, dec = cfg["model"], cfg["model"]["decoder"]
+        if dec.get("filename", io.GRAPH_NAME) != io.GRAPH_NAME:
+            raise BadModelFileError(f"{folder}: genai graph is {dec.get('filename')!r}; expected {io.GRAPH_NAME}")
+        eos = model.get("eos_token_id", [])
+        shared = bool(cfg.get("search", {}).get("past_present_share_buffer", False))
+        return Manifest(
+            architecture=str(model.get("type", "unknown")), num_layers=int(dec["num_hidden_layers"]),
+            hidden_size=int(dec["hidden_size"]), num_heads=int(dec["num_attention_heads"]),
+            num_kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
+            vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
+            dtype="fp32", weights="unknown", attention="gqa" if shared else "standard",
+            kv_buffer="shared" if shared else "concat", bos_token_id=model.get("bos_token_id"),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos), add_bos_token=False,
+            source={"format": "onnxruntime-genai"},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadModelFileError(f"{folder / 'genai_config.json'}: cannot describe this model ({exc!r})") from None
 
 
 def _read_json(path: Path) -> dict:

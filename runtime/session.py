@@ -57,7 +57,9 @@ class GraphIO:
     has_logits_to_keep: bool
 
     @classmethod
-    def from_session(cls, sess: ort.InferenceSession, where: str) -> "GraphIO":
+    def from_session(cls, sess: ort.InferenceSession, where: str, kv_heads: int | None = None,
+                     head_dim: int | None = None) -> "GraphIO":
+        """kv_heads / head_dim fill in where the graph leaves those axes symbolic."""
         inputs = {i.name: i for i in sess.get_inputs() + sess.get_overridable_initializers()}
         for name in (io.INPUT_IDS, io.ATTENTION_MASK, io.past_key(0)):
             if name not in inputs:
@@ -66,7 +68,10 @@ class GraphIO:
         while io.past_key(layers) in inputs:
             layers += 1
         past = inputs[io.past_key(0)]
-        shape = past.shape  # (batch, kv_heads, past_seq, head_dim)
+        shape = list(past.shape)  # (batch, kv_heads, past_seq, head_dim)
+        if len(shape) == 4:
+            shape[1] = shape[1] if isinstance(shape[1], int) else kv_heads
+            shape[3] = shape[3] if isinstance(shape[3], int) else head_dim
         if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
             raise BadModelFileError(f"{where}: {past.name} has shape {shape}; expected (batch, kv_heads, seq, head_dim)")
         if past.type not in _ORT_TYPES:

@@ -126,3 +126,30 @@ def test_stop_strings_hold_back_partial_matches(stops, pieces, expected, hit):
             break
     out += s.flush()
     assert out == expected and s.hit == hit
+
+
+def test_folder_described_by_genai_config_only(smollm2_onnx, tmp_path):
+    """A folder with genai_config.json and no edgellama.json (onnxruntime-genai's layout)."""
+    import shutil
+
+    folder = tmp_path / "genai-style"
+    shutil.copytree(smollm2_onnx, folder)
+    (folder / "edgellama.json").unlink()
+    model = Model.load(folder, threads=2)
+    assert model.shared_kv and model.manifest.source["format"] == "onnxruntime-genai"
+    assert model.generate_text(PROMPT_IDS, max_new_tokens=12).startswith(" make things more efficient")
+
+
+def test_chat_cli_with_piped_stdin(smollm2_onnx):
+    import subprocess
+    import sys
+
+    script = "What is 2+2?\n/reset\nName a color.\n/exit\nnever read\n"
+    out = subprocess.run([sys.executable, "-m", "edgellama.cli", "chat", str(smollm2_onnx), "--max-new-tokens", "16",
+                          "--threads", "2"], input=script, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    replies = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(replies) >= 2 and "(conversation reset)" in out.stderr
+    model = Model.load(smollm2_onnx, threads=2)
+    first = model.chat(max_new_tokens=16).send("What is 2+2?")
+    assert out.stdout.startswith(first)
