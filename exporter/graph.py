@@ -129,8 +129,8 @@ def rope_tables(cfg: ModelConfig, inv_freq: np.ndarray, dtype: np.dtype) -> tupl
 
 @dataclass
 class Inputs:
-    ids: str
-    mask: str
+    """What every layer's attention reads, derived once from input_ids / attention_mask."""
+
     seqlens_k: str | None = None  # (B,) int32: valid tokens - 1   (gqa)
     total_len: str | None = None  # () int32: T                    (gqa)
     positions: str | None = None  # (S,) int64: P .. T-1           (standard)
@@ -143,7 +143,7 @@ def gqa_inputs(g: GraphWriter) -> Inputs:
     total = g.op("ReduceSum", [mask32, g.const(np.array([1], np.int64))], keepdims=0)
     seqlens = g.op("Sub", [total, g.const(np.array(1, np.int32))])
     width = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), g.const(np.array(1, np.int64))], axis=0)
-    return Inputs(io.INPUT_IDS, io.ATTENTION_MASK, seqlens_k=seqlens,
+    return Inputs(seqlens_k=seqlens,
                   total_len=g.op("Cast", [width], to=TensorProto.INT32))
 
 
@@ -165,7 +165,7 @@ def standard_inputs(g: GraphWriter, cfg: ModelConfig, dtype: np.dtype) -> Inputs
     allowed = g.op("And", [allowed, valid])  # (B, 1, 1, S, T)
     neg = g.const(np.array(np.finfo(dtype).min, dtype))
     bias = g.op("Where", [allowed, g.const(np.array(0, dtype)), neg])
-    return Inputs(io.INPUT_IDS, io.ATTENTION_MASK, positions=positions, bias=bias, dtype=dtype)
+    return Inputs(positions=positions, bias=bias, dtype=dtype)
 
 
 # ---- attention ------------------------------------------------------------------------------

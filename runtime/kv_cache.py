@@ -29,6 +29,7 @@ class KVCache:
         self.length = 0  # tokens held
         self.capacity = 0
         self._values: dict[str, ort.OrtValue] = {}  # past name -> value
+        self._bound = False  # shared mode: the binding already holds the current buffers
         if shared:
             self.reserve(capacity)
         else:
@@ -50,10 +51,15 @@ class KVCache:
                 buf[:, :, : self.length] = old.numpy()[:, :, : self.length]
             self._values[past] = self._ortvalue(buf)
         self.capacity = capacity
+        self._bound = False
 
     def bind(self, binding: ort.IOBinding) -> list[str]:
-        """Bind pasts and presents; returns the output names in the order bound."""
-        presents = []
+        """Bind pasts and presents; returns the output names in the order bound. Shared
+        buffers stay bound between steps (rebinding 2 x layers values costs ~0.4 ms a token)."""
+        presents = [present for _, present in _names(self.gio.num_layers)]
+        if self.shared and self._bound:
+            return presents
+        self._bound = self.shared
         for past, present in _names(self.gio.num_layers):
             value = self._values[past]
             binding.bind_ortvalue_input(past, value)
@@ -61,7 +67,6 @@ class KVCache:
                 binding.bind_ortvalue_output(present, value)  # same memory: written in place
             else:
                 binding.bind_output(present, self.device)
-            presents.append(present)
         return presents
 
     def advance(self, n: int, outputs: dict[str, ort.OrtValue]) -> None:
