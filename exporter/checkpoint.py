@@ -18,7 +18,9 @@ from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 from .config import ModelConfig
 from .names import GGUF_NAMES, HF_NAMES, checkpoint_name
-from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor, read_json,
+from edgellama.runtime.contract import read_json_object
+
+from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor,
                       read_safetensors_header, release_pages)
 from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
 
@@ -112,7 +114,7 @@ class HFCheckpoint(Checkpoint):
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise BadModelFileError(f"{cfg_path}: config.json is missing; a Hugging Face model folder needs one")
-        raw = read_json(cfg_path, "config.json")
+        raw = read_json_object(cfg_path, "config.json")
         if not isinstance(raw, dict):
             raise BadModelFileError(f"{cfg_path}: config.json is not a JSON object")
         self.raw_config = raw
@@ -126,7 +128,7 @@ class HFCheckpoint(Checkpoint):
     def _weight_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index, "safetensors index").get("weight_map")
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise BadModelFileError(f"{index}: has no 'weight_map' object")
             files = sorted({self.folder / str(v) for v in weight_map.values()})

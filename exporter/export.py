@@ -15,7 +15,7 @@ import onnx
 import edgellama
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
-from edgellama.runtime.errors import BadArgumentError, BadModelFileError
+from edgellama.runtime.errors import BadArgumentError
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig

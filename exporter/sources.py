@@ -292,12 +292,3 @@ def dequantize_gguf(gf: GGUFFile, name: str, rows: slice = slice(None)) -> np.nd
         out = dequantize(raw, GGMLQuantizationType(t.type)).astype(np.float32, copy=False)
     gf.release(name, rows)
     return out.reshape(shape)
-
-
-def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadModelFileError(f"{path}: {what} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadModelFileError(f"{path}: {what} is not valid JSON ({exc})") from None

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from ..runtime.contract import read_json_object
 from ..runtime.errors import BadModelFileError, UnsupportedModelError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -216,15 +217,7 @@ def _read_hf_tokenizer_json(folder: Path) -> str:
 
 def _read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or None when the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadModelFileError(f"{path}: malformed JSON ({err}); re-download or fix the file") from err
-    if not isinstance(value, dict):
-        raise BadModelFileError(f"{path}: expected a JSON object, found {type(value).__name__}; fix the file")
-    return value
+    return read_json_object(path, path.name) if path.is_file() else None
 
 
 def _token_text(value: Any) -> str | None:

@@ -180,60 +180,53 @@ def _fit_codes(x: np.ndarray, bits: int, scale: np.ndarray, lo: np.ndarray) -> B
     return BlockQuant(bits, x.shape[-1], q, scale, lo)
 
 
-def mse_float_min(w: np.ndarray, bits: int, block: int, shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75), iters: int = 4) -> BlockQuant:
+def mse_float_min(w: np.ndarray, bits: int, block: int) -> BlockQuant:
     """Least-squares (scale, min) per block: from the symmetric grid and several clipped
     ranges, alternate rounding the codes and solving the 2x2 normal equations for scale
     and min; keep the best fit of each block. Recovers weights that already lie on a
     Q4_0 / Q4_1 / Q8_0 grid exactly."""
+    def refine(x, valid, scale, m):
+        cand = _fit_codes(x, bits, scale, m)
+        return _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
+
+    # The symmetric grid in float-min form (min = -zero * scale) keeps Q4_0 / Q8_0 blocks exact.
+    start = _as_float_min(rtn_symmetric(w, bits, block))
+    return _search(w, bits, block, start, refine, lambda x, scale, m: _fit_codes(x, bits, scale, m))
+
+
+def mse_zero_point(w: np.ndarray, bits: int, block: int) -> BlockQuant:
+    """Least squares with integer zero points (MatMulNBits' uint8 zero points, no extra ops):
+    fit (scale, min) as in mse_float_min, round the zero point -min/scale to an integer, refit
+    the scale for that zero point; keep the best fit of each block, the symmetric grid included."""
+    def refine(x, valid, scale, m):
+        cand = _zero_point_codes(x, bits, scale, m)
+        q = cand.q.astype(np.float32) - cand.zeros[..., None]
+        den = (q * q * valid).sum(-1)
+        scale = np.where(den > 0, (q * x * valid).sum(-1) / np.where(den > 0, den, 1), scale).astype(np.float32)
+        m = (-cand.zeros * scale).astype(np.float32)
+        return _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
+
+    start = _with_zeros(rtn_symmetric(w, bits, block))
+    return _search(w, bits, block, start, refine, lambda x, scale, m: _zero_point_codes(x, bits, scale, m))
+
+
+def _search(w: np.ndarray, bits: int, block: int, best: BlockQuant, refine, codes,
+            shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75), iters: int = 4) -> BlockQuant:
+    """Per block, the best of `best` and a fit refined from each clipped [min, max] range."""
     x = _blocks(w, block)
     valid = (np.arange(x.shape[1] * block) < w.shape[1]).reshape(1, -1, block)  # padded tail: 0
     lo, hi = x.min(-1), x.max(-1)
     levels = (1 << bits) - 1
-    # Start from the symmetric grid, written in float-min form (min = -zero * scale):
-    # blocks that came from Q4_0 / Q8_0 data stay exact.
-    best = _as_float_min(rtn_symmetric(w, bits, block))
     best_err = _block_sq_error(best, x, valid)
     for s in shrinks:
         mid, half = (lo + hi) / 2, (hi - lo) * s / 2
         scale, m = (2 * half / levels).astype(np.float32), (mid - half).astype(np.float32)
         for _ in range(iters):
-            cand = _fit_codes(x, bits, scale, m)
-            scale, m = _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
-        cand = _fit_codes(x, bits, scale, m)
+            scale, m = refine(x, valid, scale, m)
+        cand = codes(x, scale, m)
         err = _block_sq_error(cand, x, valid)
         better = err < best_err
         best = _pick(better, cand, best)
-        best_err = np.where(better, err, best_err)
-    return best
-
-
-def mse_zero_point(w: np.ndarray, bits: int, block: int, shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
-                   iters: int = 4) -> BlockQuant:
-    """Least squares with integer zero points (MatMulNBits' uint8 zero points, no extra ops):
-    fit (scale, min) as in mse_float_min, round the zero point -min/scale to an integer, refit
-    the scale for that zero point; keep the best fit of each block, the symmetric grid included."""
-    x = _blocks(w, block)
-    valid = (np.arange(x.shape[1] * block) < w.shape[1]).reshape(1, -1, block)
-    levels = (1 << bits) - 1
-    lo, hi = x.min(-1), x.max(-1)
-    best = _with_zeros(rtn_symmetric(w, bits, block))
-    best_err = _block_sq_error(best, x, valid)
-    for s in shrinks:
-        mid, half = (lo + hi) / 2, (hi - lo) * s / 2
-        scale, m = (2 * half / levels).astype(np.float32), (mid - half).astype(np.float32)
-        for _ in range(iters):
-            cand = _zero_point_codes(x, bits, scale, m)
-            q = cand.q.astype(np.float32) - cand.zeros[..., None]
-            den = (q * q * valid).sum(-1)
-            scale = np.where(den > 0, (q * x * valid).sum(-1) / np.where(den > 0, den, 1), scale).astype(np.float32)
-            m = (-cand.zeros * scale).astype(np.float32)
-            scale, m = _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
-        cand = _zero_point_codes(x, bits, scale, m)
-        err = _block_sq_error(cand, x, valid)
-        better = err < best_err
-        best = BlockQuant(bits, block, np.where(better[..., None], cand.q, best.q),
-                          np.where(better, cand.scales, best.scales), None, 0,
-                          np.where(better, cand.zeros, best.zeros))
         best_err = np.where(better, err, best_err)
     return best
 
@@ -269,8 +262,10 @@ def _least_squares(x: np.ndarray, q: np.ndarray, valid: np.ndarray, scale: np.nd
 
 
 def _pick(mask: np.ndarray, a: BlockQuant, b: BlockQuant) -> BlockQuant:
-    return BlockQuant(a.bits, a.block, np.where(mask[..., None], a.q, b.q),
-                      np.where(mask, a.scales, b.scales), np.where(mask, a.mins, b.mins))
+    """Per block: a where mask, else b (same form)."""
+    either = lambda x, y: None if x is None else np.where(mask, x, y)  # noqa: E731
+    return BlockQuant(a.bits, a.block, np.where(mask[..., None], a.q, b.q), np.where(mask, a.scales, b.scales),
+                      either(a.mins, b.mins), 0, either(a.zeros, b.zeros))
 
 
 # name -> (description, quantize(w, bits, block) -> BlockQuant)

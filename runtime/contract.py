@@ -56,6 +56,19 @@ def present_value(layer: int) -> str:
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
+def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
+    """The JSON object in `path`; BadModelFileError naming the file otherwise."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadModelFileError(f"{path}: {what} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadModelFileError(f"{path}: {what} is not valid JSON ({exc}); re-export or fix the file") from None
+    if not isinstance(value, dict):
+        raise BadModelFileError(f"{path}: {what} is not a JSON object; re-export or fix the file")
+    return value
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a model folder holds; written as edgellama.json beside model.onnx."""
@@ -95,12 +108,7 @@ class Manifest:
             raise BadModelFileError(
                 f"{path}: no {MANIFEST_NAME} here; is this a folder written by 'edgellama export'?"
             )
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadModelFileError(f"{path}: unreadable manifest ({exc}); re-export the model") from None
-        if not isinstance(raw, dict):
-            raise BadModelFileError(f"{path}: manifest is not a JSON object; re-export the model")
+        raw = read_json_object(path, "manifest")
         version = raw.get("manifest_version")
         if not isinstance(version, int) or version > MANIFEST_VERSION:
             raise BadModelFileError(

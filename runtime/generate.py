@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from . import contract as io
 from .detokenize import StreamDecoder

@@ -13,7 +13,6 @@ generation (and each ChatSession) owns its own KV cache and IO binding.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ from tokenizers import Tokenizer
 
 from . import contract as io
 from .chat_template import ChatTemplate
-from .contract import Manifest
+from .contract import Manifest, read_json_object
 from .errors import BadArgumentError, BadModelFileError
 from .generate import Decoder, Generation, GenerationConfig
 from .sampling import SamplingParams
@@ -150,10 +149,10 @@ def _load_manifest(folder: Path) -> Manifest:
         return _manifest_from_genai(folder)
     if not (folder / "config.json").is_file():
         return Manifest.load(folder)  # raises: names the missing manifest
-    cfg = _read_json(folder / "config.json")
-    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    cfg = read_json_object(folder / "config.json")
+    gen = read_json_object(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tok_cfg = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     try:
         heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
         return Manifest(
@@ -170,7 +169,7 @@ def _load_manifest(folder: Path) -> Manifest:
 
 
 def _manifest_from_genai(folder: Path) -> Manifest:
-    cfg = _read_json(folder / "genai_config.json")
+    cfg = read_json_object(folder / "genai_config.json")
     try:
         model, dec = cfg["model"], cfg["model"]["decoder"]
         if dec.get("filename", io.GRAPH_NAME) != io.GRAPH_NAME:
@@ -191,16 +190,6 @@ def _manifest_from_genai(folder: Path) -> Manifest:
         raise BadModelFileError(f"{folder / 'genai_config.json'}: cannot describe this model ({exc!r})") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadModelFileError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadModelFileError(f"{path}: expected a JSON object")
-    return data
-
-
 def _load_tokenizer(folder: Path) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -215,7 +204,7 @@ def _load_chat_template(folder: Path, tokenizer: Tokenizer, manifest: Manifest) 
     path = folder / "chat_template.jinja"
     source = path.read_text(encoding="utf-8") if path.is_file() else None
     cfg_path = folder / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
     source = source or cfg.get("chat_template")
     if not source:
         return None

@@ -13,7 +13,7 @@ from edgellama.cli import main
 from edgellama.exporter.export import ExportOptions, export
 from edgellama.quantize.gguf_blocks import from_gguf
 from edgellama.quantize.rewrite import QuantOptions, quantize_folder
-from edgellama.quantize.schemes import SCHEMES, BlockQuant, concat_rows, quantize
+from edgellama.quantize.schemes import SCHEMES, concat_rows, quantize
 from edgellama.runtime.errors import BadArgumentError
 from edgellama.runtime.evaluate import evaluate, full_logits
 from edgellama.runtime.model import Model
