@@ -20,7 +20,7 @@ OPT_VENV=${OPT_VENV:-.venv-optimum}
 "$OPT_VENV/bin/python" -m pip install --quiet torch==2.13.0 optimum-onnx onnxruntime tokenizers pytest
 FIXTURE=$(mktemp -d)
 trap 'rm -rf "$FIXTURE"' EXIT
-"$OPT_VENV/bin/python" tests/make_optimum_fixture.py "$FIXTURE" > "$FIXTURE.log" 2>&1 || { cat "$FIXTURE.log"; exit 1; }
+"$OPT_VENV/bin/python" tests/make_optimum_fixture.py "$FIXTURE" > "$FIXTURE/export.log" 2>&1 || { cat "$FIXTURE/export.log"; exit 1; }
 export EDGELLAMA_OPTIMUM_FIXTURE=$FIXTURE
 
 python -m pytest -q "$@"
