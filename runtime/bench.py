@@ -3,7 +3,8 @@
 Each run: a prompt of `prompt_tokens` ids (a fixed text, repeated), greedy decoding of
 `new_tokens` more with EOS ignored. Decode tok/s excludes the prefill. "cold" time to
 first token is measured in a fresh process, from its start to the first token (model
-load included); "warm" is prefill + first token on an already loaded model.
+load included); "warm" is prefill + first token on an already loaded model. With cold
+runs, model load time and peak RSS come from those fresh processes (load + first token).
 """
 
 from __future__ import annotations
@@ -76,16 +77,17 @@ def _one_run(model: Model, ids: list[int], new_tokens: int) -> tuple[float, floa
     return len(ids) / (first - start), count / (end - first), first - start
 
 
-def cold_ttft(folder: Path, provider: str, threads: int | None, n_prompt: int) -> float:
-    """Process start -> first token, in a fresh interpreter."""
-    code = ("import sys,time;t=float(sys.argv[1]);from edgellama.runtime.model import Model;"
-            "from edgellama.runtime.bench import prompt_ids;"
-            "m=Model.load(sys.argv[2],provider=sys.argv[3],threads=int(sys.argv[4]) or None);"
+def cold_start(folder: Path, provider: str, threads: int | None, n_prompt: int) -> tuple[float, float, float]:
+    """In a fresh interpreter: (process start -> first token s, model load s, peak RSS MiB)."""
+    code = ("import sys,time,resource;t=float(sys.argv[1]);from edgellama.runtime.model import Model;"
+            "from edgellama.runtime.bench import prompt_ids;l=time.time();"
+            "m=Model.load(sys.argv[2],provider=sys.argv[3],threads=int(sys.argv[4]) or None);l=time.time()-l;"
             "g=m.generate(prompt_ids(m,int(sys.argv[5])),max_new_tokens=1,ignore_eos=True);next(iter(g));"
-            "print(time.time()-t)")
+            "print(time.time()-t,l,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
     out = subprocess.run([sys.executable, "-c", code, repr(time.time()), str(folder), provider,
                           str(threads or 0), str(n_prompt)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    ttft, load, rss = map(float, out.stdout.strip().splitlines()[-1].split())
+    return ttft, load, rss
 
 
 def folder_size_mb(folder: Path) -> float:
@@ -97,28 +99,28 @@ def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: i
           progress: Callable[[int, int, str], None] = lambda d, t, w: None) -> BenchResult:
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
         raise BadArgumentError("need --prompt-tokens >= 1, --new-tokens >= 2 and --runs >= 1")
-    loads = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        model = Model.load(folder, provider=provider, threads=threads)
-        loads.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    model = Model.load(folder, provider=provider, threads=threads)
+    loads = [time.perf_counter() - t]
     ids = prompt_ids(model, prompt_tokens)
     _one_run(model, ids[:8], 4)  # warm-up: first-run allocations and kernel selection
     results = []
     for i in range(runs):
         results.append(_one_run(model, ids, new_tokens))
         progress(i + 1, runs + (runs if cold else 0), "runs")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process: load + runs
     colds = []
-    if cold:
+    if cold:  # fresh processes give load time and peak RSS without this process's history
         for i in range(runs):
-            colds.append(cold_ttft(folder, provider, threads, prompt_tokens))
+            colds.append(cold_start(folder, provider, threads, prompt_tokens))
             progress(runs + i + 1, 2 * runs, "cold starts")
+        loads, rss = [c[1] for c in colds], max(c[2] for c in colds)
     return BenchResult(
         model=str(folder), provider=provider, threads=threads, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=Stat.of(loads),
         prefill_tok_s=Stat.of([r[0] for r in results]), decode_tok_s=Stat.of([r[1] for r in results]),
-        ttft_warm_s=Stat.of([r[2] for r in results]), ttft_cold_s=Stat.of(colds) if colds else None,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, size_mb=folder_size_mb(folder),
+        ttft_warm_s=Stat.of([r[2] for r in results]), ttft_cold_s=Stat.of([c[0] for c in colds]) if colds else None,
+        peak_rss_mb=rss, size_mb=folder_size_mb(folder),
     )
 
 
