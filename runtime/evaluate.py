@@ -18,6 +18,9 @@ from .errors import BadArgumentError
 from .model import Model
 
 
+_ROWS = 64
+
+
 @dataclass(frozen=True)
 class EvalResult:
     perplexity: float
@@ -79,13 +82,17 @@ def evaluate(model: Model, text: str, window: int = 512, stride: int | None = No
     spans = list(windows(len(ids), window, stride))
     for i, (start, end, first) in enumerate(spans):
         chunk = ids[start:end]
-        logp = log_softmax(full_logits(model, chunk))[first - start - 1: end - start - 1]  # predicts first..end-1
+        rows = slice(first - start - 1, end - start - 1)  # the positions predicting first..end-1
+        logits = full_logits(model, chunk)[rows]
+        ref_logits = full_logits(reference, chunk)[rows] if reference is not None else None
         targets = np.asarray(ids[first:end])
-        nll -= logp[np.arange(len(targets)), targets].sum()
-        if reference is not None:
-            ref = log_softmax(full_logits(reference, chunk))[first - start - 1: end - start - 1]
-            kl += float((np.exp(ref) * (ref - logp)).sum())
-            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+        for r in range(0, len(targets), _ROWS):  # float64 on a few rows at a time: memory stays small
+            logp = log_softmax(logits[r:r + _ROWS])
+            nll -= logp[np.arange(len(logp)), targets[r:r + _ROWS]].sum()
+            if ref_logits is not None:
+                ref = log_softmax(ref_logits[r:r + _ROWS])
+                kl += float((np.exp(ref) * (ref - logp)).sum())
+                agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
         count += len(targets)
         progress(i + 1, len(spans), "windows")
     ppl = float(np.exp(nll / count))
