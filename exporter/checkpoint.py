@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from edgellama.runtime.contract import read_json_object
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 from .config import ModelConfig
 from .names import GGUF_NAMES, HF_NAMES, checkpoint_name
-from edgellama.runtime.contract import read_json_object
-
 from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor,
                       read_safetensors_header, release_pages)
 from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
@@ -115,8 +114,6 @@ class HFCheckpoint(Checkpoint):
         if not cfg_path.is_file():
             raise BadModelFileError(f"{cfg_path}: config.json is missing; a Hugging Face model folder needs one")
         raw = read_json_object(cfg_path, "config.json")
-        if not isinstance(raw, dict):
-            raise BadModelFileError(f"{cfg_path}: config.json is not a JSON object")
         self.raw_config = raw
         self.config = ModelConfig.from_hf(raw, str(cfg_path))
         self.files = self._weight_files()
@@ -207,10 +204,11 @@ class GGUFCheckpoint(Checkpoint):
 
     def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
         arr = dequantize_gguf(self.gguf, self._name(key, layer), rows)
-        if key in ("q", "k"):
-            heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
-            arr = unpermute_rotary_rows(arr, heads)
-        return arr
+        return unpermute_rotary_rows(arr, self._rotary_heads(key)) if key in ("q", "k") else arr
+
+    def _rotary_heads(self, key: str) -> int:
+        """Heads whose rows llama.cpp interleaved: q has num_heads, k num_kv_heads."""
+        return self.config.num_heads if key == "q" else self.config.num_kv_heads
 
     def block_quant(self, key: str, layer: int | None = None):
         from edgellama.quantize.gguf_blocks import GGUF_NATIVE, from_gguf
@@ -222,8 +220,7 @@ class GGUFCheckpoint(Checkpoint):
         bq = from_gguf(self.gguf.type_name(name), self.gguf.raw(name), shape)
         self.gguf.release(name)
         if key in ("q", "k"):
-            heads = self.config.num_heads if key == "q" else self.config.num_kv_heads
-            bq = bq.rows(unpermute_rotary_rows(np.arange(shape[0]), heads))
+            bq = bq.rows(unpermute_rotary_rows(np.arange(shape[0]), self._rotary_heads(key)))
         return bq
 
     def tokenizer(self) -> TokenizerFiles:

@@ -91,8 +91,7 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     onnx.save_model(model, folder / io.GRAPH_NAME)
     if proj is None:
         return None
-    return {**quant.record(), "mean_relative_error": float(np.mean(proj.errors)) if proj.errors else 0.0,
-            "quantized_weights": len(proj.errors), "exact_from_source": proj.native}
+    return quant.record(proj.errors, exact_from_source=proj.native)
 
 
 def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path, quant: dict | None) -> Manifest:

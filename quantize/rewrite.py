@@ -70,11 +70,16 @@ class QuantOptions:
             return self.bits
         return None if choice == "keep" else int(choice[3:])
 
-    def record(self) -> dict:
+    def record(self, errors: list[float], exact_from_source: int | None = None) -> dict:
+        """The manifest's `quantization` entry: these options and what quantizing cost."""
         d = asdict(self)
         d.pop("force")
         d["scheme"] = self.scheme
         d["lm_head"] = "keep" if self.table_bits("lm_head") is None else f"int{self.table_bits('lm_head')}"
+        d["mean_relative_error"] = float(np.mean(errors)) if errors else 0.0
+        d["quantized_weights"] = len(errors)
+        if exact_from_source is not None:
+            d["exact_from_source"] = exact_from_source
         return d
 
 
@@ -100,9 +105,7 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
             errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress)
         _finish(model, g)
         onnx.save_model(model, str(tmp / io.GRAPH_NAME))
-        record = {**options.record(), "mean_relative_error": float(np.mean(errors)) if errors else 0.0,
-                  "quantized_weights": len(errors)}
-        new = replace(manifest, weights=f"int{options.bits}", quantization=record)
+        new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors))
         (tmp / io.MANIFEST_NAME).write_text(new.to_json(), encoding="utf-8")
     return new
 
@@ -149,8 +152,9 @@ def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, 
         else:
             errors.append(_emit(node, target, reader, g, opt, dtype, sums))
         progress(i + 1, total, "nodes")
+    written = {t.name for t in g.initializers}
     for name in kept:  # float initializers still used (norms, rope tables, a kept table ...)
-        if name in reader.protos and name not in {t.name for t in g.initializers}:
+        if name in reader.protos and name not in written:
             _copy_initializer(reader, g, name)
     return errors
 

@@ -34,7 +34,6 @@ class Model:
         self.tokenizer, self.chat_template, self.provider = tokenizer, chat_template, provider
         self.graph_io = GraphIO.from_session(session, str(folder / io.GRAPH_NAME), manifest.num_kv_heads,
                                              manifest.head_dim)
-        self.output_names = [o.name for o in session.get_outputs()]
         self.shared_kv = manifest.kv_buffer == "shared"
         self.device = "cuda" if provider == "cuda" else "cpu"
 
