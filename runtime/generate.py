@@ -37,7 +37,11 @@ class Decoder:
         self.tokens: list[int] = []  # what the cache holds
         self.fed = 0  # tokens run through the graph, over this decoder's life
         self._ids = np.zeros(capacity, np.int64)
-        self._mask = np.ones(capacity, np.int64)
+        # Ones for the tokens the cache holds, zeros after: with a shared KV buffer every
+        # decode step binds the whole (1, capacity) mask, so the graph sees the same shapes
+        # each step and ONNX Runtime plans its memory once instead of once per length.
+        self._mask = np.zeros(capacity, np.int64)
+        self._fixed_shape = model.shared_kv
         self._pos = np.arange(capacity, dtype=np.int64)
         self._step_logits = np.empty((1, 1, model.vocab_size), np.float32)
         self._keep_one = np.ones((), np.int64)
@@ -51,12 +55,14 @@ class Decoder:
     def reserve(self, capacity: int) -> None:
         if capacity > self.capacity:
             self._ids = np.resize(self._ids, capacity)
-            self._mask = np.ones(capacity, np.int64)
+            self._mask = np.resize(self._mask, capacity)
+            self._mask[self.cache.length:] = 0
             self._pos = np.arange(capacity, dtype=np.int64)
         self.cache.reserve(capacity)
 
     def rewind(self, length: int) -> None:
         self.cache.truncate(length)
+        self._mask[length:] = 0
         del self.tokens[length:]
 
     def forward(self, new_tokens: Sequence[int]) -> np.ndarray:
@@ -71,9 +77,11 @@ class Decoder:
         total = past + n
         self.reserve(total)
         self._ids[past:total] = chunk
+        self._mask[past:total] = 1
         b = self.binding
         b.bind_input(io.INPUT_IDS, "cpu", 0, np.int64, [1, n], self._ids[past:].ctypes.data)
-        b.bind_input(io.ATTENTION_MASK, "cpu", 0, np.int64, [1, total], self._mask.ctypes.data)
+        mask_len = self.capacity if n == 1 and self._fixed_shape else total
+        b.bind_input(io.ATTENTION_MASK, "cpu", 0, np.int64, [1, mask_len], self._mask.ctypes.data)
         if self.model.graph_io.has_position_ids:
             b.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self._pos[past:].ctypes.data)
         if n == 1:
