@@ -72,9 +72,11 @@ def _quant_options(default_bits: str | None):
         click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True),
         click.option("--symmetric/--asymmetric", default=False, show_default=True,
                      help="Asymmetric keeps a float minimum per block (exact on Q4_1/Q4_K grids)."),
-        click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp"]), default="mse", show_default=True,
+        click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp", "gptq"]), default="mse", show_default=True,
                      help="rtn: round to nearest; mse: least-squares scale and float min per block (exact on "
-                          "GGUF grids); mse-zp: least squares with integer zero points (fewer ops, faster)."),
+                          "GGUF grids); mse-zp: least squares with integer zero points (fewer ops, faster); "
+                          "gptq: error-compensating GPTQ on a calibration text, integer zero points "
+                          "(quantize only)."),
         click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default="4", show_default=True,
                      help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0 = float (slow on CPU)."),
         click.option("--embeddings", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True),
@@ -94,7 +96,8 @@ def _quant(kw: dict, force: bool):
 
     return QuantOptions(bits=int(kw["bits"]), block_size=int(kw["block_size"]), symmetric=kw["symmetric"],
                         method=kw["method"], accuracy_level=int(kw["accuracy_level"]),
-                        embeddings=kw["embeddings"], lm_head=kw["lm_head"], force=force)
+                        embeddings=kw["embeddings"], lm_head=kw["lm_head"], force=force,
+                        calibration=kw.get("calibration"), calibration_tokens=kw.get("calibration_tokens") or 4096)
 
 
 @main.command()
@@ -130,6 +133,10 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, force: bo
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @_quant_options(default_bits="4")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="gptq: a UTF-8 text to calibrate on (default: a text shipped with edgellama).")
+@click.option("--calibration-tokens", type=int, default=4096, show_default=True,
+              help="gptq: how many tokens of the calibration text to run.")
 @_friendly
 def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
     """Quantize a float model folder from `edgellama export` to int4 / int8 (MatMulNBits)."""

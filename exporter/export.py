@@ -38,6 +38,9 @@ class ExportOptions:
             raise BadArgumentError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.attention not in ("auto", "gqa", "standard"):
             raise BadArgumentError(f"attention {self.attention!r}: choose auto, gqa or standard")
+        if self.quant is not None and getattr(self.quant, "method", None) == "gptq":
+            raise BadArgumentError("--method gptq needs the float graph's activations: export without --bits, "
+                                   "then run `edgellama quantize --method gptq`")
 
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)

@@ -22,8 +22,9 @@ from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
 
+from .gptq import gptq
 from .nodes import MS, gather_block_quantized, matmul_nbits
-from .schemes import BITS, METHODS, quantize, scheme_name
+from .schemes import BITS, GPTQ_FORMS, METHODS, quantize, scheme_name
 
 TABLE_CHOICES = ("keep", "int8", "int4")
 ACCURACY_LEVELS = (0, 1, 2, 4)
@@ -41,6 +42,8 @@ class QuantOptions:
     # int8 by default: on SmolLM2 an int4 lm_head alone costs +7 % perplexity (measured).
     lm_head: str = "int8"  # or "same" as --bits, or one of TABLE_CHOICES
     force: bool = False
+    calibration: str | None = None  # gptq: a text file; None = the text shipped with edgellama
+    calibration_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -50,6 +53,10 @@ class QuantOptions:
         scheme_name(self.method, self.symmetric)
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise BadArgumentError(f"--accuracy-level {self.accuracy_level} is not one of {ACCURACY_LEVELS}")
+        if self.calibration is not None and self.method != "gptq":
+            raise BadArgumentError("--calibration is only used by --method gptq")
+        if self.calibration_tokens < 64:
+            raise BadArgumentError(f"--calibration-tokens {self.calibration_tokens}: use at least 64")
         for opt, value in (("--embeddings", self.embeddings), ("--lm-head", self.lm_head)):
             if value not in TABLE_CHOICES + (("same",) if opt == "--lm-head" else ()):
                 raise BadArgumentError(f"{opt} {value!r}: choose one of {', '.join(TABLE_CHOICES)}")
@@ -60,8 +67,10 @@ class QuantOptions:
 
     def scheme_for(self, bits: int) -> str:
         """8-bit MatMulNBits with uint8 zero points lands on a slow CPU kernel (SmolLM2's int8
-        lm_head: 20 ms a token instead of 7), so 8-bit weights use the float-min form there."""
-        return "mse-asymmetric" if bits == 8 and self.scheme == "mse-zeropoint" else self.scheme
+        lm_head: 20 ms a token instead of 7). The zero-point schemes are the no-extra-ops ones,
+        so their 8-bit weights (the int8 vocabulary tables) take the symmetric grid, which needs
+        no zero points and no float-min correction either; at 8 bits it costs little accuracy."""
+        return "rtn-symmetric" if bits == 8 and self.scheme.endswith("-zeropoint") else self.scheme
 
     def table_bits(self, which: str) -> int | None:
         """Bits for the embedding table or lm_head; None keeps it float."""
@@ -74,6 +83,11 @@ class QuantOptions:
         """The manifest's `quantization` entry: these options and what quantizing cost."""
         d = asdict(self)
         d.pop("force")
+        if self.method != "gptq":
+            d.pop("calibration")
+            d.pop("calibration_tokens")
+        else:
+            d["calibration"] = Path(self.calibration).name if self.calibration else "edgellama calibration.txt"
         d["scheme"] = self.scheme
         d["lm_head"] = "keep" if self.table_bits("lm_head") is None else f"int{self.table_bits('lm_head')}"
         d["mean_relative_error"] = float(np.mean(errors)) if errors else 0.0
@@ -96,13 +110,14 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
                                "quantize the float export instead")
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
+    hessians = _calibrate(src, model, reader, options, progress) if options.method == "gptq" else {}
     with atomic_folder(out, force=options.force) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME):
                 shutil.copy2(f, tmp / f.name)
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
             g = GraphWriter(data, io.GRAPH_DATA_NAME, prefix="quant/")  # apart from the copied nodes' names
-            errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress)
+            errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress, hessians)
         _finish(model, g)
         onnx.save_model(model, str(tmp / io.GRAPH_NAME))
         new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors))
@@ -138,8 +153,30 @@ class InitializerReader:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
 
 
+def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions,
+               progress: Progress) -> dict[str, np.ndarray]:
+    """GPTQ's input statistics for every weight that gets quantized to --bits."""
+    from .calibrate import collect_hessians
+
+    head_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    inputs = set()
+    for node in model.graph.node:
+        target = _quantizable(node, reader, opt, head_weights)
+        if target is not None and target[0] == "matmul" and node.input[1] not in head_weights:
+            inputs.add(node.input[0])  # the projections; the vocabulary tables keep their scheme
+    text = None
+    if opt.calibration is not None:
+        path = Path(opt.calibration)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadArgumentError(f"--calibration {path}: cannot read it as UTF-8 text ({exc})") from None
+    hessians, _ = collect_hessians(src, model, inputs, text, opt.calibration_tokens, progress=progress)
+    return hessians
+
+
 def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, opt: QuantOptions,
-             dtype: np.dtype, progress: Progress) -> list[float]:
+             dtype: np.dtype, progress: Progress, hessians: dict[str, np.ndarray] | None = None) -> list[float]:
     """Re-emit every node into g, quantizing weights on the way; returns relative errors."""
     head_weights = {n.input[1] for n in graph.node if n.op_type == "Gemm"}
     total, errors, sums = len(graph.node), [], {}
@@ -150,7 +187,8 @@ def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, 
             g.nodes.append(node)
             kept.update(node.input)
         else:
-            errors.append(_emit(node, target, reader, g, opt, dtype, sums))
+            hessian = (hessians or {}).get(node.input[0]) if target[0] == "matmul" and node.input[1] not in head_weights else None
+            errors.append(_emit(node, target, reader, g, opt, dtype, sums, hessian))
         progress(i + 1, total, "nodes")
     written = {t.name for t in g.initializers}
     for name in kept:  # float initializers still used (norms, rope tables, a kept table ...)
@@ -177,11 +215,15 @@ def _quantizable(node, reader: InitializerReader, opt: QuantOptions, head_weight
 
 
 def _emit(node, target, reader: InitializerReader, g: GraphWriter, opt: QuantOptions, dtype: np.dtype,
-          sums: dict) -> float:
+          sums: dict, hessian: np.ndarray | None = None) -> float:
     kind, wname, bits = target
     w = np.asarray(reader.array(wname), dtype=np.float32)
     w = w.T if kind == "matmul" else w  # MatMul holds (K, N); Gemm(transB) and Gather hold (N, K)
-    bq = quantize(w, bits, opt.block_size, opt.scheme_for(bits))
+    scheme = opt.scheme_for(bits)
+    if hessian is not None and kind != "gather":
+        bq = gptq(w, hessian, bits, opt.block_size, GPTQ_FORMS[scheme])
+    else:
+        bq = quantize(w, bits, opt.block_size, scheme)
     name = g.fresh(wname.replace("/", "_"))
     if kind == "gather":
         gather_block_quantized(g, bq, node.input[1], name, dtype, out=node.output[0])

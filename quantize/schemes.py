@@ -280,14 +280,25 @@ SCHEMES: dict[str, tuple[str, Callable[[np.ndarray, int, int], BlockQuant]]] = {
     "mse-asymmetric": ("least-squares scale and float min per block (Q4_K style search); exact on "
                        "Q4_0/Q4_1/Q8_0 grids; two more ops per projection", mse_float_min),
     "mse-zeropoint": ("least-squares scale and integer zero point per block; no extra ops", mse_zero_point),
+    # GPTQ (quantize/gptq.py) needs calibration statistics; these are its grids and what a
+    # weight without statistics (an embedding table) gets instead.
+    "gptq-zeropoint": ("GPTQ on a calibration text, integer zero points (mse-zp grid per block); "
+                       "no extra ops", mse_zero_point),
+    "gptq-symmetric": ("GPTQ on a calibration text, symmetric grid", rtn_symmetric),
 }
-METHODS = ("rtn", "mse", "mse-zp")
+METHODS = ("rtn", "mse", "mse-zp", "gptq")
+# the grid GPTQ fits per block, by scheme
+GPTQ_FORMS = {"gptq-zeropoint": "zeropoint", "gptq-symmetric": "symmetric", "mse-zeropoint": "zeropoint",
+              "rtn-symmetric": "symmetric", "mse-asymmetric": "float-min", "rtn-asymmetric": "float-min"}
 
 
 def scheme_name(method: str, symmetric: bool) -> str:
     """rtn / mse with --symmetric or --asymmetric (float min); mse-zp: asymmetric with
-    integer zero points."""
-    name = "mse-zeropoint" if method == "mse-zp" and not symmetric else f"{method}-{'symmetric' if symmetric else 'asymmetric'}"
+    integer zero points; gptq: integer zero points, or --symmetric."""
+    if method in ("mse-zp", "gptq") and not symmetric:
+        name = "mse-zeropoint" if method == "mse-zp" else "gptq-zeropoint"
+    else:
+        name = f"{method}-{'symmetric' if symmetric else 'asymmetric'}"
     if name not in SCHEMES:
         raise BadArgumentError(f"method {method!r} with {'--symmetric' if symmetric else '--asymmetric'} is not "
                                f"available; choose one of {', '.join(SCHEMES)}")

@@ -16,7 +16,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def make_session(graph: Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None = None,
+                 external_data_folder: Path | None = None) -> ort.InferenceSession:
+    """A session on a graph file, or on serialized graph bytes whose external data lives in
+    `external_data_folder`."""
     if provider not in PROVIDERS:
         raise BadArgumentError(f"provider {provider!r} is not supported; choose one of {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -31,12 +34,16 @@ def make_session(graph: Path, provider: str = "cpu", threads: int | None = None)
     opts.intra_op_num_threads = threads or _physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if external_data_folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(external_data_folder))
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
-        return ort.InferenceSession(str(graph), opts, providers=providers)
+        return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadModelFileError(f"{graph}: onnxruntime cannot load this graph ({first})") from None
+        where = external_data_folder if isinstance(graph, bytes) else graph
+        raise BadModelFileError(f"{where}: onnxruntime cannot load this graph ({first})") from None
 
 
 def _physical_cores() -> int:

@@ -56,6 +56,30 @@ def test_error_bound_on_random_weights(scheme, bits, bound):
     assert quantize(w, bits, 32, scheme).error(w) < bound
 
 
+def test_gptq_lowers_the_output_error():
+    """GPTQ minimises tr(dW H dW^T), the layer's output error on its calibration inputs;
+    about 4x below mse-zp's on a problem like this one (measured while writing gptq.py)."""
+    from edgellama.quantize.gptq import gptq
+
+    w = RNG.standard_normal((128, 192)).astype(np.float32)
+    x = RNG.standard_normal((1500, 192)) @ (np.eye(192) + 0.3 * RNG.standard_normal((192, 192)))
+    x[:, :4] *= 10  # a few outlier channels, as real hidden states have
+    h = x.T @ x
+
+    def output_error(bq):
+        d = (bq.dequantize() - w).astype(np.float64)
+        return np.einsum("ij,jk,ik->", d, h, d)
+
+    for block in (32, 128):
+        for form, scheme in (("zeropoint", "mse-zeropoint"), ("symmetric", "rtn-symmetric"),
+                             ("float-min", "mse-asymmetric")):
+            g = gptq(w, h, 4, block, form)
+            assert g.shape == w.shape and (g.zeros is not None) == (form == "zeropoint")
+            assert output_error(g) < 0.5 * output_error(quantize(w, 4, block, scheme)), (block, form)
+    # a partial last block (K = 176 with blocks of 32) keeps its shape
+    assert gptq(w[:, :176], h[:176, :176], 4, 32).dequantize().shape == (128, 176)
+
+
 def test_mse_beats_round_to_nearest():
     w = RNG.standard_normal((64, 512)).astype(np.float32)
     assert quantize(w, 4, 128, "mse-asymmetric").error(w) < 0.93 * quantize(w, 4, 128, "rtn-asymmetric").error(w)
@@ -188,6 +212,39 @@ def test_quantized_tiny_model_stays_close_to_float(tiny_float, bits, level, boun
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
 
 
+def test_gptq_on_a_tiny_model(tiny_float, tmp_path):
+    """GPTQ on a calibration text: close to float on text like it, and closer than the same
+    grid without error compensation (measured: relative logit error 0.108 vs 0.186)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. def f(x): return x * 2\n" * 40)
+    gptq_dir, plain_dir = tmp_path / "gptq", tmp_path / "msezp"
+    quantize_folder(tiny_float / "fp32", gptq_dir, QuantOptions(method="gptq", calibration=str(text), accuracy_level=0))
+    quantize_folder(tiny_float / "fp32", plain_dir, QuantOptions(method="mse-zp", accuracy_level=0))
+    ref_model = Model.load(tiny_float / "fp32")
+    ids = ref_model.encode("The lazy dog jumps over the quick brown fox. def g(y): return y * 2", add_special_tokens=False)
+    ref = full_logits(ref_model, ids)
+    err = {d.name: np.linalg.norm(full_logits(Model.load(d), ids) - ref) / np.linalg.norm(ref)
+           for d in (gptq_dir, plain_dir)}
+    assert err["gptq"] < 0.3 and err["gptq"] < err["msezp"], err
+    q = json.loads((gptq_dir / "edgellama.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["scheme"] == "gptq-zeropoint" and q["calibration"] == "calib.txt"
+    ops = {n.op_type for n in __import__("onnx").load(str(gptq_dir / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMul" not in ops  # integer zero points and symmetric tables: no correction products
+
+
+def test_gptq_refusals(tiny_float, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", str(tiny_float / "hf"), str(tmp_path / "e"), "--bits", "4", "--method", "gptq"])
+    assert r.exit_code != 0 and "export without --bits" in r.output and not (tmp_path / "e").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" ")
+    r = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "q"), "--method", "gptq",
+                             "--calibration", str(empty)])
+    assert r.exit_code != 0 and "calibration text is empty" in r.output and not (tmp_path / "q").exists()
+    r = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "q"), "--calibration", str(empty)])
+    assert r.exit_code != 0 and "only used by --method gptq" in r.output and not (tmp_path / "q").exists()
+
+
 def test_streaming_export_bits_equals_quantize_of_float_export(tiny_float):
     export(tiny_float / "hf", tiny_float / "stream-q4", ExportOptions(quant=QuantOptions(bits=4, accuracy_level=0)))
     quantize_folder(tiny_float / "fp32", tiny_float / "rewrite-q4", QuantOptions(bits=4, accuracy_level=0))
@@ -253,6 +310,6 @@ def test_cli_quantize_refusals_write_nothing(tiny_float, tmp_path):
     assert again.exit_code != 0 and "already quantized" in again.output and not (tmp_path / "qq").exists()
     bad_block = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "b"), "--block-size", "48"])
     assert bad_block.exit_code != 0 and not (tmp_path / "b").exists()
-    bad_method = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "m"), "--method", "gptq"])
+    bad_method = runner.invoke(main, ["quantize", str(tiny_float / "fp32"), str(tmp_path / "m"), "--method", "awq"])
     assert bad_method.exit_code != 0 and not (tmp_path / "m").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
