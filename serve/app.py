@@ -33,6 +33,7 @@ from .engine import Engine, Job
 from .protocol import Answer, APIError, Done, Plan, error_for, parse_json, plan_chat, plan_completion
 
 log = logging.getLogger("edgellama.serve")
+MAX_BODY = 16 * 2**20  # bytes; chat templates refuse more than 2 M characters of content anyway
 
 
 def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 4) -> Starlette:
@@ -51,7 +52,7 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
         return await _complete(request, plan_completion)
 
     async def _complete(request: Request, make_plan: Callable[[dict, Model, str], Plan]) -> Response:
-        body = parse_json(await request.body())
+        body = parse_json(await _read_body(request))
         plan = await anyio.to_thread.run_sync(make_plan, body, model, model_id)  # templates, tokenizer: off the loop
         answer = Answer(plan, model, model_id)
         job = engine.submit(plan.prompt_ids, plan.config)
@@ -83,6 +84,17 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.engine, app.state.model_id = engine, model_id
     return app
+
+
+async def _read_body(request: Request) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB; send less",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _collect(answer: Answer, job: Job) -> Done:

@@ -22,6 +22,9 @@ from edgellama.runtime.model import Model, make_config
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # runtime -> OpenAI
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Chat without max_tokens: OpenAI allows the rest of the context, but each generation's
+# KV cache is allocated for prompt + max_tokens up front, so the default is capped.
+CHAT_DEFAULT_MAX_TOKENS = 2048
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -39,7 +42,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -77,7 +80,7 @@ def plan_chat(body: dict, model: Model, model_id: str) -> Plan:
     k = _int(body, "top_logprobs", 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"between 0 and {MAX_TOP_LOGPROBS}")
     if k and not logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
-    return _plan(True, body, model, ids, "messages", k if logprobs else None, default_max=None)
+    return _plan(True, body, model, ids, "messages", k if logprobs else None, default_max=CHAT_DEFAULT_MAX_TOKENS)
 
 
 def plan_completion(body: dict, model: Model, model_id: str) -> Plan:
@@ -96,18 +99,9 @@ def check_model(body: dict, model_id: str) -> None:
 
 
 def _plan(chat: bool, body: dict, model: Model, ids: list[int], prompt_param: str,
-          top_logprobs: int | None, default_max: int | None) -> Plan:
+          top_logprobs: int | None, default_max: int) -> Plan:
     _reject_unsupported(body)
-    max_tokens = _max_tokens(body)
-    room = model.context_length - len(ids)
-    if room < 1 or (max_tokens or 0) > room:
-        wanted = len(ids) + (max_tokens or 1)
-        raise invalid(prompt_param if max_tokens is None or room < 1 else "max_tokens",
-                      f"This model's maximum context length is {model.context_length} tokens. However, you "
-                      f"requested {wanted} tokens ({len(ids)} in the {prompt_param}, {wanted - len(ids)} in the "
-                      f"completion). Please reduce the length of the {prompt_param} or completion.",
-                      code="context_length_exceeded")
-    max_new = max_tokens or min(default_max or room, room)
+    max_new = _max_new(body, model, len(ids), prompt_param, default_max)
     stream = _bool(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -119,6 +113,25 @@ def _plan(chat: bool, body: dict, model: Model, ids: list[int], prompt_param: st
         raise invalid(None, str(exc)) from None
     include_usage = stream and options.get("include_usage") is True
     return Plan(chat, ids, config, stream, include_usage, top_logprobs)
+
+
+def _max_new(body: dict, model: Model, n_prompt: int, prompt_param: str, default_max: int) -> int:
+    """max_completion_tokens (the current name) wins over max_tokens (the old one); the
+    prompt plus what is asked for must fit the context."""
+    asked = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        asked = _int(body, name, None, lambda v: v >= 1, "at least 1")
+        if asked is not None:
+            break
+    room = model.context_length - n_prompt
+    if room < 1 or (asked or 0) > room:
+        wanted = n_prompt + (asked or 1)
+        raise invalid(prompt_param if asked is None or room < 1 else name,
+                      f"This model's maximum context length is {model.context_length} tokens. However, you "
+                      f"requested {wanted} tokens ({n_prompt} in the {prompt_param}, {wanted - n_prompt} in the "
+                      f"completion). Please reduce the length of the {prompt_param} or completion.",
+                      code="context_length_exceeded")
+    return asked or min(default_max, room)
 
 
 # OpenAI's fields (and llama.cpp's / vLLM's top_k, min_p, repetition_penalty) -> SamplingParams.
@@ -146,15 +159,6 @@ def _sampling(body: dict) -> dict:
     if seed is not None:
         out["seed"] = seed
     return out
-
-
-def _max_tokens(body: dict) -> int | None:
-    """max_completion_tokens (the current name) wins over max_tokens (the old one)."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = _int(body, name, None, lambda v: v >= 1, "at least 1")
-        if value is not None:
-            return value
-    return None
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
