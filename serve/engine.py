@@ -17,7 +17,9 @@ from typing import AsyncIterator, Sequence
 from edgellama.runtime.generate import GenerationConfig, Step
 from edgellama.runtime.model import Model
 
-from .protocol import Done
+from .protocol import APIError, Done
+
+SHUTTING_DOWN = "the server is shutting down; retry against a running server"
 
 
 class Job:
@@ -65,10 +67,13 @@ class Engine:
         # Counters for /health and tests: jobs waiting, running, and how jobs ended.
         self.queued = self.running = self.finished = self.cancelled = self.failed = 0
         self._jobs: set[Job] = set()  # not yet ended
+        self._closed = False
 
     def submit(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Job:
         job = Job(asyncio.get_running_loop())
         with self._lock:
+            if self._closed:
+                raise APIError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
             self.queued += 1
             self._jobs.add(job)
         job.future = self._pool.submit(self._work, job, list(prompt_ids), config)
@@ -81,11 +86,14 @@ class Engine:
                     "finished": self.finished, "cancelled": self.cancelled, "failed": self.failed}
 
     def close(self) -> None:
-        """Cancel every job (queued ones never start, running ones stop at their next token)."""
+        """Refuse new jobs and end every job: queued ones never start, running ones stop at
+        their next token, and their requests are answered 503. Safe from a signal handler."""
         with self._lock:
+            self._closed = True
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel()
+            job.put(APIError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down"))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _ended(self, job: Job, future: Future) -> None:

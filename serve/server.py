@@ -43,7 +43,7 @@ class Server:
         self.app = create_app(model, model_id, max_concurrent)
         self.model_id = self.app.state.model_id
         config = uvicorn.Config(self.app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _Uvicorn(config, on_exit=self.engine.close)
         self._thread: threading.Thread | None = None
 
     @property
@@ -71,7 +71,21 @@ class Server:
         return self
 
     def stop(self) -> None:
+        self.engine.close()
         self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.sock.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """On Ctrl-C / SIGTERM, end the generations first: open streams then finish with an
+    error event and [DONE] instead of being cut off when the graceful shutdown times out."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)

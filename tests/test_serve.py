@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -293,6 +294,21 @@ def test_disconnect_frees_the_slot(client, server):
     with pytest.raises(TimeoutError):  # a non-streaming client that gives up also frees its slot
         raw(server, "POST", "/v1/completions", json.dumps({**kw, "stream": False}).encode(), timeout=1.0)
     assert wait_idle(server)["cancelled"] == after["cancelled"] + 1
+
+
+def test_shutdown_ends_open_streams_with_an_error(model):
+    srv = Server(model, bind("127.0.0.1", 0), max_concurrent=1, log_level="warning").start()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = iter(c.completions.create(model=srv.model_id, prompt=COUNTING, max_tokens=4000, temperature=0,
+                                       stream=True))
+    next(stream)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    with pytest.raises(openai.APIError, match="shutting down"):  # an error event, then [DONE]
+        for _ in stream:
+            pass
+    stopper.join()
+    assert srv.engine.stats()["cancelled"] == 1
 
 
 # --- the command --------------------------------------------------------------------------
