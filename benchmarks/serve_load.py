@@ -9,7 +9,8 @@ of a few distinct chat prompts once, one at a time (greedy, the expected answers
 sends --requests chat completions over --concurrency client threads (each prompt several
 times; every other request streamed) and checks every answer equals its prompt's
 expected text: tokens of concurrent requests must never mix. Reports requests/s, latency
-p50 / p95, streamed time to first token, and generated tokens/s; stops the server.
+p50 / p95, streamed time to first token, generated tokens/s, and how many CPUs the server
+and (on a shared machine) other processes used meanwhile; stops the server.
 Bounded: a fixed number of requests, each with a client timeout, and a --deadline for
 the whole run.
 """
@@ -72,6 +73,18 @@ def ask(client: openai.OpenAI, model: str, i: int, stream: bool, max_tokens: int
     return Result(i, "".join(pieces), time.perf_counter() - start, first, tokens)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used: the whole machine (busy jiffies in /proc/stat), or one process."""
+    hz = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4] - sum(v[8:10])) / hz  # less idle, iowait, guest (counted in user)
+    with open(f"/proc/{pid}/stat") as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / hz  # utime + stime
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]  # nearest rank
@@ -96,7 +109,7 @@ def main() -> None:
     try:
         expected = [ask(client, model, i, False, args.max_tokens) for i in range(len(TOPICS))]
         jobs = [(n % len(TOPICS), n % 2 == 1) for n in range(args.requests)]
-        start = time.perf_counter()
+        start, machine, server, own = time.perf_counter(), cpu_seconds(), cpu_seconds(proc.pid), time.process_time()
         with ThreadPoolExecutor(args.concurrency) as pool:
             futures = [pool.submit(ask, client, model, i, stream, args.max_tokens) for i, stream in jobs]
             results, failures = [], []
@@ -106,6 +119,8 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     failures.append(f"{type(exc).__name__}: {exc}")
         wall = time.perf_counter() - start
+        server_cpu = cpu_seconds(proc.pid) - server
+        other_cpus = (cpu_seconds() - machine - server_cpu - (time.process_time() - own)) / wall
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -127,6 +142,7 @@ def main() -> None:
         "first_token_p50_s": round(statistics.median(firsts), 3) if firsts else None,
         "generated_tokens_per_s": round(sum(r.tokens for r in results) / wall, 1),
         "sequential_latency_p50_s": round(statistics.median(r.seconds for r in expected), 3),
+        "server_cpus_used": round(server_cpu / wall, 2), "other_processes_cpus": round(max(0.0, other_cpus), 2),
     }
     if args.json:
         print(json.dumps(report))

@@ -30,7 +30,8 @@ from starlette.types import Receive, Scope, Send
 from edgellama.runtime.model import Model
 
 from .engine import Engine, Job
-from .protocol import Answer, APIError, Done, Plan, error_for, parse_json, plan_chat, plan_completion
+from .protocol import (Answer, APIError, Done, Plan, check_model, error_for, parse_json, plan_chat,
+                       plan_completion)
 
 log = logging.getLogger("edgellama.serve")
 MAX_BODY = 16 * 2**20  # bytes; chat templates refuse more than 2 M characters of content anyway
@@ -65,9 +66,7 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
         return JSONResponse({"object": "list", "data": [_model_card(model, model_id)]})
 
     async def one_model(request: Request) -> Response:
-        if request.path_params["name"] != model_id:
-            raise APIError(404, f"The model {request.path_params['name']!r} does not exist; this server serves "
-                                f"{model_id!r}", param="model", code="model_not_found")
+        check_model({"model": request.path_params["name"]}, model_id)
         return JSONResponse(_model_card(model, model_id))
 
     async def health(request: Request) -> Response:

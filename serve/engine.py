@@ -87,7 +87,7 @@ class Engine:
 
     def close(self) -> None:
         """Refuse new jobs and end every job: queued ones never start, running ones stop at
-        their next token, and their requests are answered 503. Safe from a signal handler."""
+        their next token, and their requests are answered 503. Any thread."""
         with self._lock:
             self._closed = True
             jobs = list(self._jobs)

@@ -87,5 +87,6 @@ class _Uvicorn(uvicorn.Server):
         self._on_exit = on_exit
 
     def handle_exit(self, sig, frame) -> None:
-        self._on_exit()
+        # A signal handler runs on the event loop's thread, which may hold the engine's lock.
+        threading.Thread(target=self._on_exit, name="edgellama-shutdown").start()
         super().handle_exit(sig, frame)
