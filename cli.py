@@ -313,5 +313,32 @@ def chat(model_dir: Path, system: str | None, provider: str, threads: int | None
         click.echo()
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens the server to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--provider", type=PROVIDERS, default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="Default: physical cores.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Generations run at once; more requests wait in a queue.")
+@_friendly
+def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | None, max_concurrent: int) -> None:
+    """Serve MODEL_DIR over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Needs the serve extra: pip install 'edgellama[serve]'."""
+    from edgellama.serve import require_extra
+
+    require_extra()
+    from edgellama.runtime.model import Model
+    from edgellama.serve.server import Server, bind
+
+    sock = bind(host, port)  # a taken port fails before the model loads
+    model = Model.load(model_dir, provider=provider, threads=threads)
+    server = Server(model, sock, max_concurrent)
+    click.echo(f"serving {server.model_id} at {server.url}/v1 ({max_concurrent} at a time; Ctrl-C stops)", err=True)
+    server.run()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,7 +15,7 @@ from . import contract as io
 from .detokenize import StreamDecoder
 from .errors import BadArgumentError, ContextOverflowError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, make_sampler, top_probs
+from .sampling import SamplingParams, make_sampler, token_prob, top_probs
 
 if TYPE_CHECKING:
     from .model import Model
@@ -120,11 +120,13 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class Step:
     """One generated token: its id, the text it completed (may be ""), and optionally the
-    distribution it was drawn from: [(token_id, probability)] for the top k."""
+    distribution it was drawn from: [(token_id, probability)] for the top k, and the
+    chosen token's probability under that same distribution."""
 
     token_id: int | None  # None: text flushed at the end, no new token
     text: str
     top: list[tuple[int, float]] | None = None
+    prob: float | None = None
 
 
 class StopStrings:
@@ -230,7 +232,7 @@ class Generation:
             self.completion_ids.append(token)
             text = stops.feed(detok.push(token))
             self._pieces.append(text)
-            yield Step(token, text, top)
+            yield Step(token, text, top, token_prob(logits, token, top) if top is not None else None)
             if stops.hit:
                 self.finish_reason = "stop"
                 break

@@ -222,6 +222,16 @@ def top_probs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(probs[i])) for i in ids]
 
 
+def token_prob(logits: np.ndarray, token: int, top: list[tuple[int, float]] = ()) -> float:
+    """Probability of `token` under softmax(raw logits), the distribution top_probs
+    reads; looked up in `top` (its output) when it is there."""
+    for tid, p in top:
+        if tid == token:
+            return p
+    x = np.asarray(logits, dtype=np.float64)
+    return float(softmax(x)[token])
+
+
 def build_processors(params: SamplingParams) -> list[Processor]:
     """The chain for params; empty processors (values that mean off) are left out.
     For greedy params only the penalties are returned."""

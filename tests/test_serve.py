@@ -1,0 +1,367 @@
+"""`edgellama serve`: the real SmolLM2 behind a server on a free loopback port, driven by
+the real `openai` client. Expected texts come from the library's own generate on the
+same model, so the server must map every field exactly as the runtime reads it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import PROMPT_IDS  # noqa: E402
+from edgellama.cli import main  # noqa: E402
+from edgellama.runtime.model import Model  # noqa: E402
+from edgellama.serve.server import Server, bind  # noqa: E402
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+PROMPT = "The best thing about AI is its ability to"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+COUNTING = "1, 2, 3, 4, 5, 6,"  # continues for a long time: a generation to interrupt
+SLOTS = 2
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_onnx) -> Model:
+    return Model.load(smollm2_onnx, threads=2)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = Server(model, bind("127.0.0.1", 0), max_concurrent=SLOTS, log_level="warning").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """A raw request, for what the openai client will not send."""
+    host, port = server.sock.getsockname()[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def greedy(model: Model, prompt, **options):
+    gen = model.generate(prompt, temperature=0.0, **options)
+    for _ in gen:
+        pass
+    return gen
+
+
+def wait_idle(server, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (stats := server.engine.stats())["running"] or stats["queued"]:
+        assert time.monotonic() < deadline, f"jobs still busy: {stats}"
+        time.sleep(0.02)
+    return stats
+
+
+# --- what the client sees ---------------------------------------------------------------
+
+
+def test_models_and_health(client, server, smollm2_onnx):
+    assert [m.id for m in client.models.list().data] == [smollm2_onnx.name] == [server.model_id]
+    assert client.models.retrieve(server.model_id).context_length == 8192
+    status, health = raw(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["max_concurrent"] == SLOTS
+
+
+def test_chat_completion(client, server, model):
+    r = client.chat.completions.create(model=server.model_id, messages=FRANCE, temperature=0, max_tokens=40)
+    gen = greedy(model, model.render_chat(FRANCE), max_new_tokens=40)
+    assert r.choices[0].message.content == gen.text == "The capital of France is Paris."
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "stop"
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == server.model_id
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (gen.prompt_tokens, gen.completion_tokens)
+    assert r.usage.prompt_tokens == len(model.render_chat(FRANCE)) > len(model.encode(FRANCE[0]["content"]))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_joins_to_the_same_text(client, server):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "text", "text": "Name three colors."}]}]
+    kw = dict(model=server.model_id, messages=messages, temperature=0, max_tokens=12)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len(text) > 10
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+
+
+def test_completion(client, server, model):
+    r = client.completions.create(model=server.model_id, prompt=PROMPT, temperature=0, max_tokens=6)
+    assert r.choices[0].text == greedy(model, PROMPT, max_new_tokens=6).text
+    assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(PROMPT_IDS), 6)
+    by_ids = client.completions.create(model=server.model_id, prompt=PROMPT_IDS, temperature=0, max_tokens=6)
+    assert by_ids.choices[0].text == r.choices[0].text
+    streamed = client.completions.create(model=server.model_id, prompt=PROMPT, temperature=0, max_tokens=6,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_stop_strings(client, server, model):
+    full = greedy(model, PROMPT, max_new_tokens=12).text
+    stop = full.split()[3]  # a word a few tokens in
+    kw = dict(model=server.model_id, prompt=PROMPT, temperature=0, max_tokens=12)
+    for stops in (stop, [stop, "never appears"]):
+        r = client.completions.create(**kw, stop=stops)
+        assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+        streamed = client.completions.create(**kw, stop=stops, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    chat = client.chat.completions.create(model=server.model_id, messages=FRANCE, temperature=0, stop=" Paris",
+                                          max_tokens=12)
+    assert chat.choices[0].message.content == "The capital of France is"
+    assert chat.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("fields", [
+    dict(temperature=0.8, seed=7),
+    dict(temperature=1.0, top_p=0.9, seed=3),
+    dict(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5),
+])
+def test_sampling_fields_map_to_the_runtime(client, server, model, fields):
+    r = client.completions.create(model=server.model_id, prompt=PROMPT, max_tokens=8, **fields)
+    assert r.choices[0].text == model.generate_text(PROMPT, max_new_tokens=8, **fields)
+
+
+def test_logprobs_are_the_show_probs_distribution(client, server, model):
+    gen = greedy(model, PROMPT, max_new_tokens=3, show_probs=5)
+    r = client.completions.create(model=server.model_id, prompt=PROMPT, temperature=0, max_tokens=3, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [model.tokenizer.decode([t]) for t in gen.completion_ids]
+    shown = {model.tokenizer.decode([t]): math.log(p) for t, p in gen.prompt_top}  # what --show-probs 5 prints
+    assert lp.top_logprobs[0] == pytest.approx(shown)
+    assert lp.token_logprobs[0] == pytest.approx(max(shown.values()))  # greedy: the most likely
+    assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+
+    chat = client.chat.completions.create(model=server.model_id, messages=FRANCE, temperature=0, max_tokens=5,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5
+    assert "".join(e.token for e in content) == chat.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.bytes == list(e.token.encode())
+    sampled = client.chat.completions.create(model=server.model_id, messages=FRANCE, temperature=1.5, seed=1,
+                                             max_tokens=8, logprobs=True)  # top_logprobs 0: chosen token only
+    steps = [s for s in model.generate(model.render_chat(FRANCE), temperature=1.5, seed=1, max_new_tokens=8,
+                                       show_probs=1) if s.token_id is not None]
+    assert any(s.token_id != s.top[0][0] for s in steps)  # some chosen tokens were not the most likely
+    assert [e.logprob for e in sampled.choices[0].logprobs.content] == pytest.approx([math.log(s.prob) for s in steps])
+    assert all(e.top_logprobs == [] for e in sampled.choices[0].logprobs.content)
+    streamed = client.chat.completions.create(model=server.model_id, messages=FRANCE, temperature=0, max_tokens=5,
+                                              logprobs=True, top_logprobs=2, stream=True)
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in entries] == [e.model_dump() for e in content]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+BAD_CHAT = [  # (fields over a valid chat request, status, param, code)
+    (dict(model="gpt-4o"), 404, "model", "model_not_found"),
+    (dict(max_tokens=9000), 400, "max_tokens", "context_length_exceeded"),
+    (dict(messages=[{"role": "user", "content": "hi " * 9000}]), 400, "messages", "context_length_exceeded"),
+    (dict(temperature=-0.5), 400, "temperature", "invalid_value"),
+    (dict(temperature=2.5), 400, "temperature", "invalid_value"),
+    (dict(top_p=0), 400, "top_p", "invalid_value"),
+    (dict(presence_penalty="high"), 400, "presence_penalty", "invalid_type"),
+    (dict(frequency_penalty=3), 400, "frequency_penalty", "invalid_value"),
+    (dict(max_tokens=0), 400, "max_tokens", "invalid_value"),
+    (dict(max_completion_tokens=1.5), 400, "max_completion_tokens", "invalid_type"),
+    (dict(seed=-1), 400, "seed", "invalid_value"),
+    (dict(stop=["ok", ""]), 400, "stop", "invalid_value"),
+    (dict(top_logprobs=3), 400, "top_logprobs", "invalid_value"),
+    (dict(logprobs=True, top_logprobs=50), 400, "top_logprobs", "invalid_value"),
+    (dict(n=2), 400, "n", "unsupported_parameter"),
+    (dict(messages=[]), 400, "messages", "invalid_value"),
+    (dict(messages=[{"role": "tool", "content": "42"}]), 400, "messages[0].role", "invalid_value"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400, "messages[0].content", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("fields,status,param,code", BAD_CHAT)
+def test_bad_chat_requests(client, server, fields, status, param, code):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**{"model": server.model_id, "messages": FRANCE, **fields})
+    err = info.value
+    assert err.status_code == status
+    assert (err.body["type"], err.body["param"], err.body["code"]) == ("invalid_request_error", param, code)
+    assert err.body["message"] and "\n" not in err.body["message"]
+
+
+def test_bad_completion_requests(client, server):
+    too_long = client.with_options(max_retries=0).completions
+    with pytest.raises(openai.BadRequestError) as info:
+        too_long.create(model=server.model_id, prompt="hi " * 9000)
+    assert info.value.body["code"] == "context_length_exceeded" and "8192" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        too_long.create(model=server.model_id, prompt=[1, 2, 10**9])
+    assert info.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        too_long.create(model=server.model_id, prompt=["two", "prompts"])
+    assert "one prompt" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("POST", "/v1/chat/completions", b'{"messages": [', 400),
+    ("POST", "/v1/completions", b"[1, 2]", 400),
+    ("POST", "/v1/completions", b"\xff\xfe", 400),
+    ("POST", "/v1/completions", b" " * (16 * 2**20 + 1), 413),
+    ("GET", "/v1/chat/completions", None, 405),
+    ("GET", "/v2/models", None, 404),
+    ("GET", "/v1/models/other", None, 404),
+])
+def test_bad_http_requests(server, method, path, body, status):
+    got, answer = raw(server, method, path, body)
+    assert got == status
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+def test_concurrent_requests_equal_sequential(client, server):
+    prompts = [PROMPT, "def fibonacci(n):", "Once upon a time", "Water boils at", "My favourite fruit is"]
+
+    def complete(i: int) -> str:
+        kw = dict(model=server.model_id, prompt=prompts[i], max_tokens=6, temperature=0.7, seed=i)
+        if i % 2:  # half of them streamed
+            return "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+        return client.completions.create(**kw).choices[0].text
+
+    sequential = [complete(i) for i in range(len(prompts))]
+    assert len(set(sequential)) == len(prompts)
+    peak = {"running": 0, "queued": 0}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(complete, i) for i in range(len(prompts))]
+        while not all(f.done() for f in futures):
+            stats = server.engine.stats()
+            peak = {k: max(peak[k], stats[k]) for k in peak}
+            time.sleep(0.002)
+        concurrent = [f.result() for f in futures]
+    assert concurrent == sequential
+    assert peak["running"] <= SLOTS and peak["queued"] >= 1  # the rest waited in the queue
+
+
+def test_disconnect_frees_the_slot(client, server):
+    before = wait_idle(server)
+    kw = dict(model=server.model_id, prompt=COUNTING, max_tokens=4000, temperature=0, stream=True)
+    streams = [client.completions.create(**kw) for _ in range(SLOTS)]  # every slot taken
+    for s in streams:
+        next(iter(s))
+    queued = client.completions.create(**kw)  # headers come back at once; the job waits for a slot
+    assert server.engine.stats()["queued"] == 1
+    queued.close()
+    for s in streams:
+        s.close()
+    after = wait_idle(server)
+    assert after["cancelled"] - before["cancelled"] == SLOTS + 1 and after["finished"] == before["finished"]
+    r = client.completions.create(model=server.model_id, prompt=PROMPT, temperature=0, max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+
+    with pytest.raises(TimeoutError):  # a non-streaming client that gives up also frees its slot
+        raw(server, "POST", "/v1/completions", json.dumps({**kw, "stream": False}).encode(), timeout=1.0)
+    assert wait_idle(server)["cancelled"] == after["cancelled"] + 1
+
+
+def test_shutdown_ends_open_streams_with_an_error(model):
+    srv = Server(model, bind("127.0.0.1", 0), max_concurrent=1, log_level="warning").start()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = iter(c.completions.create(model=srv.model_id, prompt=COUNTING, max_tokens=4000, temperature=0,
+                                       stream=True))
+    next(stream)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    with pytest.raises(openai.APIError, match="shutting down"):  # an error event, then [DONE]
+        for _ in stream:
+            pass
+    stopper.join()
+    assert srv.engine.stats()["cancelled"] == 1
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def test_serve_command_end_to_end(smollm2_onnx):
+    proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "serve", str(smollm2_onnx), "--port", "0",
+                             "--threads", "1", "--max-concurrent", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"serving \S+ at (http://127\.0\.0\.1:\d+)/v1 \(1 at a time", line)
+        assert url, line
+        c = openai.OpenAI(base_url=url[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=smollm2_onnx.name, messages=FRANCE, temperature=0, max_tokens=8)
+        assert r.choices[0].message.content.startswith("The capital of France")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+
+
+def test_serve_reports_a_taken_port_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", str(tmp_path / "unused"), "--port", str(port)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"error: port {port} on 127.0.0.1 is already in use; stop what holds it "
+                                "or choose another --port")
+
+
+def test_serve_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    r = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.output.strip() == "error: serve needs uvicorn: pip install 'edgellama[serve]'"
+
+
+def test_the_runtime_does_not_import_the_server():
+    code = "import sys, edgellama.runtime.model, edgellama.runtime.generate; " \
+           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'edgellama')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "starlette" not in out and "uvicorn" not in out and "edgellama.serve" not in out
+
+
+def test_step_prob_is_the_chosen_tokens_probability():
+    import numpy as np
+
+    from edgellama.runtime.sampling import softmax, token_prob, top_probs
+
+    logits = np.random.default_rng(0).normal(size=500).astype(np.float32)
+    probs = softmax(logits.astype(np.float64))
+    top = top_probs(logits, 3)
+    for token in (top[0][0], top[2][0], int(np.argmin(logits))):  # in the top list, and far outside it
+        assert token_prob(logits, token, top) == pytest.approx(probs[token], rel=1e-12)
