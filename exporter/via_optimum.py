@@ -66,9 +66,9 @@ def export_via_optimum(source: Path, out_dir: Path, options, progress) -> Manife
         raise BadArgumentError(f"--attention {options.attention} applies to the native exporter; "
                                "--via optimum keeps optimum's standard attention ops")
     config, weights = _read_source(source)
-    tokenizer = tokenizer_from_hf(source)
     tracer = _Tracer.load()
     tracer.check_supported(config, source / "config.json")
+    tokenizer = tokenizer_from_hf(source)
     if options.quant is None:
         with atomic_folder(out_dir, force=options.force) as tmp:
             return _write_float(source, config, weights, tokenizer, tracer, options.dtype, tmp, progress)
