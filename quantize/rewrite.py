@@ -3,10 +3,10 @@
 Every MatMul or Gemm whose weight is a 2-D float initializer becomes MatMulNBits; the
 embedding Gather can become GatherBlockQuantized. Besides our own graphs this covers
 optimum's (export --via optimum): weights stored (K, N) for MatMul or reached through a
-Transpose of an (N, K) initializer, Gemm with transB either way and a bias, one initializer
-shared by several nodes (quantized and stored once). A weight whose output size is the
-vocabulary is the lm_head (--lm-head). Each weight is read from the memory-mapped source,
-quantized and written before the next is read.
+Transpose of an (N, K) initializer, FusedMatMul(transB) on a tied table, Gemm with transB
+either way and a bias, one initializer shared by several nodes (quantized and stored once).
+A weight whose output size is the vocabulary is the lm_head (--lm-head). Each weight is
+read from the memory-mapped source, quantized and written before the next is read.
 """
 
 from __future__ import annotations
@@ -208,6 +208,10 @@ def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed:
         target = _Target("matmul", node.input[1], "kn", 0)
     elif node.op_type == "MatMul" and node.input[1] in transposed:
         target = _Target("matmul", transposed[node.input[1]], "nk", 0)
+    elif node.op_type == "FusedMatMul" and node.domain == MS and reader.is_float_matrix(node.input[1]):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}  # a tied lm_head (via_optimum.py)
+        if attrs == {"transB": 1} or attrs == {"transB": 1, "transA": 0, "alpha": 1.0}:
+            target = _Target("matmul", node.input[1], "nk", 0)
     elif node.op_type == "Gemm" and reader.is_float_matrix(node.input[1]):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None

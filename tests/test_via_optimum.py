@@ -85,6 +85,9 @@ def test_logits_match_transformers_through_the_kv_cache(exported, family):
     assert manifest["via"] == "optimum" and manifest["kv_buffer"] == "concat"
     assert manifest["architecture"] == type(reference).__name__
     assert manifest["graph_io"]["inputs"]["past_key_values.{i}.key"] == "float32[batch_size, 2, past_sequence_length, 16]"
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    tables = [t.name for t in graph.initializer if manifest["vocab_size"] in t.dims]
+    assert len(tables) == (1 if reference.config.tie_word_embeddings else 2)  # a tied table is stored once
     np.testing.assert_allclose(cached_logits(folder, IDS), reference_logits(reference, IDS), atol=1e-4, rtol=0)
 
 
@@ -110,7 +113,7 @@ def test_quantization_covers_every_weight_and_stays_close(exported, family, bits
     float_graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     matrices = {t.name for t in float_graph.initializer if len(t.dims) == 2}
-    projections = sum(n.op_type == "MatMul" and n.input[1] in matrices for n in float_graph.node)
+    projections = sum(n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in matrices for n in float_graph.node)
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == projections and ops.count("GatherBlockQuantized") == 1
     assert not matrices & {t.name for t in graph.initializer}  # no float weight matrix is left
