@@ -118,6 +118,8 @@ class _Tracer:
 
     def check_supported(self, config: dict[str, Any], where: Path) -> None:
         model_type = config.get("model_type")
+        if not isinstance(model_type, str):
+            raise BadModelFileError(f"{where}: no 'model_type'; optimum needs it to pick the architecture")
         try:
             tasks = self.tasks.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
         except KeyError:
@@ -139,7 +141,7 @@ class _Tracer:
                                  local_files_only=True, trust_remote_code=False, library_name="transformers")
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise BadModelFileError(f"{source}: optimum could not export this model ({first})") from None
+            raise BadModelFileError(f"{source}: optimum could not export this model ({first})") from exc
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
