@@ -34,8 +34,9 @@ PROMPT = "The quick brown fox"
 # float compute) these random tiny models (initializer_range 0.3, K = 64: random weights are the
 # worst case for 4 bits); measured int4 0.31-0.36, int8 0.02-0.054.
 QUANT_LOGITS_BOUND = {4: 0.5, 8: 0.1}
-# fp16 weights, activations and KV cache against float32 transformers (logits up to ~7).
-FP16_LOGITS_ATOL = 0.03
+# fp16 weights, activations and KV cache against float32 transformers: measured max |diff|
+# 0.017 on Qwen3's logits of up to 7.
+FP16_LOGITS_ATOL = 0.05
 
 
 @pytest.fixture(scope="module")
