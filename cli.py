@@ -75,7 +75,7 @@ def _quant_options(default_bits: str | None):
         click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp", "gptq"]), default="mse", show_default=True,
                      help="rtn: round to nearest; mse: least-squares scale and float min per block (exact on "
                           "GGUF grids); mse-zp: least squares with integer zero points (fewer ops, faster); "
-                          "gptq: error-compensating GPTQ on a calibration text, integer zero points "
+                          "gptq: error-compensating GPTQ on the calibration text, integer zero points "
                           "(quantize only)."),
         click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default="4", show_default=True,
                      help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0 = float (slow on CPU)."),
@@ -97,7 +97,8 @@ def _quant(kw: dict, force: bool):
     return QuantOptions(bits=int(kw["bits"]), block_size=int(kw["block_size"]), symmetric=kw["symmetric"],
                         method=kw["method"], accuracy_level=int(kw["accuracy_level"]),
                         embeddings=kw["embeddings"], lm_head=kw["lm_head"], force=force,
-                        calibration=kw.get("calibration"), calibration_tokens=kw.get("calibration_tokens") or 4096)
+                        calibrate=kw.get("calibrate", True), calibration=kw.get("calibration"),
+                        calibration_tokens=kw.get("calibration_tokens") or 4096)
 
 
 @main.command()
@@ -138,9 +139,12 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str,
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @_quant_options(default_bits="4")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="gptq: a UTF-8 text to calibrate on (default: a text shipped with edgellama).")
+              help="A UTF-8 text to calibrate on (default: a text shipped with edgellama). mse / mse-zp weigh "
+                   "each input column's error by its activations' mean square; gptq needs it.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True,
-              help="gptq: how many tokens of the calibration text to run.")
+              help="How many tokens of the calibration text to run.")
+@click.option("--calibrate/--no-calibration", "calibrate", default=True, show_default=True,
+              help="--no-calibration: weight-only fits, as `export --bits` does.")
 @_friendly
 def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
     """Quantize a float model folder from `edgellama export` to int4 / int8 (MatMulNBits)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -102,7 +102,8 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     onnx.save_model(model, folder / io.GRAPH_NAME)
     if proj is None:
         return None
-    return quant.record(proj.errors, exact_from_source=proj.native)
+    # streaming: no float graph runs, so nothing is calibrated whatever the options say
+    return replace(quant, calibrate=False).record(proj.errors, exact_from_source=proj.native)
 
 
 def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path, quant: dict | None) -> Manifest:

@@ -40,6 +40,9 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise BadArgumentError(f"{folder}: calibration needs the model's tokenizer.json; add it, or quantize "
+                               "with --no-calibration")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tokenizer.encode(default_text() if text is None else text, add_special_tokens=False).ids[:max_tokens]
     if len(ids) < 2:

@@ -46,7 +46,10 @@ class QuantOptions:
     # int8 by default: on SmolLM2 an int4 lm_head alone costs +7 % perplexity (measured).
     lm_head: str = "int8"  # or "same" as --bits, or one of TABLE_CHOICES
     force: bool = False
-    calibration: str | None = None  # gptq: a text file; None = the text shipped with edgellama
+    # Calibration (quantize only; export --bits never sees activations): mse / mse-zp weigh each
+    # input column's error by the mean square of its activations over a text; gptq needs the text.
+    calibrate: bool = True
+    calibration: str | None = None  # a UTF-8 text file; None = the text shipped with edgellama
     calibration_tokens: int = 4096
 
     def __post_init__(self) -> None:
@@ -57,13 +60,20 @@ class QuantOptions:
         scheme_name(self.method, self.symmetric)
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise BadArgumentError(f"--accuracy-level {self.accuracy_level} is not one of {ACCURACY_LEVELS}")
-        if self.calibration is not None and self.method != "gptq":
-            raise BadArgumentError("--calibration is only used by --method gptq")
+        if self.calibration is not None and not self.calibrated:
+            raise BadArgumentError("--calibration is used by --method mse, mse-zp and gptq (and not with --no-calibration)")
+        if self.method == "gptq" and not self.calibrate:
+            raise BadArgumentError("--method gptq needs a calibration text; drop --no-calibration")
         if self.calibration_tokens < 64:
             raise BadArgumentError(f"--calibration-tokens {self.calibration_tokens}: use at least 64")
         for opt, value in (("--embeddings", self.embeddings), ("--lm-head", self.lm_head)):
             if value not in TABLE_CHOICES + (("same",) if opt == "--lm-head" else ()):
                 raise BadArgumentError(f"{opt} {value!r}: choose one of {', '.join(TABLE_CHOICES)}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing runs the float graph over a calibration text first."""
+        return self.method == "gptq" or (self.calibrate and self.method in ("mse", "mse-zp"))
 
     @property
     def scheme(self) -> str:
@@ -87,8 +97,9 @@ class QuantOptions:
         """The manifest's `quantization` entry: these options and what quantizing cost."""
         d = asdict(self)
         d.pop("force")
-        if self.method != "gptq":
-            d.pop("calibration")
+        d.pop("calibrate")
+        if not self.calibrated:
+            d["calibration"] = None
             d.pop("calibration_tokens")
         else:
             d["calibration"] = Path(self.calibration).name if self.calibration else "edgellama calibration.txt"
@@ -115,7 +126,7 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
     hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)
-                if options.method == "gptq" else {})
+                if options.calibrated else {})
     with atomic_folder(out, force=options.force) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME):
@@ -169,7 +180,7 @@ class _Target(NamedTuple):
 
 def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions, vocab: int,
                progress: Progress) -> dict[str, np.ndarray]:
-    """GPTQ's input statistics for every projection that gets quantized (not the vocabulary tables)."""
+    """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables)."""
     from .calibrate import collect_hessians
 
     transposed = _transposed_weights(model.graph, reader)
@@ -299,8 +310,10 @@ def _emit(node, target: _Target, reader: InitializerReader, g: _WriteOnce, opt: 
         w = np.asarray(reader.array(target.weight), dtype=np.float32)
         w = w.T if target.layout == "kn" else w  # quantized as (N, K): blocks run along K
         scheme = opt.scheme_for(target.bits)
-        if hessian is not None:
+        if hessian is not None and opt.method == "gptq":
             bq = gptq(w, hessian, target.bits, opt.block_size, GPTQ_FORMS[scheme])
+        elif hessian is not None:  # activation-weighted least squares: E[x_k^2] weighs column k
+            bq = quantize(w, target.bits, opt.block_size, scheme, importance=np.diag(hessian))
         else:
             bq = quantize(w, target.bits, opt.block_size, scheme)
         done[key] = (bq, g.fresh(target.weight.replace("/", "_").replace(":", "_")), bq.error(w))

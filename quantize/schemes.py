@@ -185,7 +185,7 @@ def _fit_codes(x: np.ndarray, bits: int, scale: np.ndarray, lo: np.ndarray) -> B
     return BlockQuant(bits, x.shape[-1], q, scale, lo)
 
 
-def mse_float_min(w: np.ndarray, bits: int, block: int) -> BlockQuant:
+def mse_float_min(w: np.ndarray, bits: int, block: int, importance: np.ndarray | None = None) -> BlockQuant:
     """Least-squares (scale, min) per block: from the symmetric grid and several clipped
     ranges, alternate rounding the codes and solving the 2x2 normal equations for scale
     and min; keep the best fit of each block. Recovers weights that already lie on a
@@ -196,10 +196,10 @@ def mse_float_min(w: np.ndarray, bits: int, block: int) -> BlockQuant:
 
     # The symmetric grid in float-min form (min = -zero * scale) keeps Q4_0 / Q8_0 blocks exact.
     start = _as_float_min(rtn_symmetric(w, bits, block))
-    return _search(w, bits, block, start, refine, lambda x, scale, m: _fit_codes(x, bits, scale, m))
+    return _search(w, bits, block, start, refine, lambda x, scale, m: _fit_codes(x, bits, scale, m), importance)
 
 
-def mse_zero_point(w: np.ndarray, bits: int, block: int) -> BlockQuant:
+def mse_zero_point(w: np.ndarray, bits: int, block: int, importance: np.ndarray | None = None) -> BlockQuant:
     """Least squares with integer zero points (MatMulNBits' uint8 zero points, no extra ops):
     fit (scale, min) as in mse_float_min, round the zero point -min/scale to an integer, refit
     the scale for that zero point; keep the best fit of each block, the symmetric grid included."""
@@ -212,14 +212,21 @@ def mse_zero_point(w: np.ndarray, bits: int, block: int) -> BlockQuant:
         return _least_squares(x, cand.q.astype(np.float32), valid, scale, m)
 
     start = _with_zeros(rtn_symmetric(w, bits, block))
-    return _search(w, bits, block, start, refine, lambda x, scale, m: _zero_point_codes(x, bits, scale, m))
+    return _search(w, bits, block, start, refine, lambda x, scale, m: _zero_point_codes(x, bits, scale, m), importance)
 
 
-def _search(w: np.ndarray, bits: int, block: int, best: BlockQuant, refine, codes,
+def _search(w: np.ndarray, bits: int, block: int, best: BlockQuant, refine, codes, importance=None,
             shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75), iters: int = 4) -> BlockQuant:
-    """Per block, the best of `best` and a fit refined from each clipped [min, max] range."""
+    """Per block, the best of `best` and a fit refined from each clipped [min, max] range.
+    `importance` (K,) weighs each input column's squared error (e.g. the mean square of the
+    activations it multiplies); None weighs them equally."""
     x = _blocks(w, block)
-    valid = (np.arange(x.shape[1] * block) < w.shape[1]).reshape(1, -1, block)  # padded tail: 0
+    valid = (np.arange(x.shape[1] * block) < w.shape[1]).astype(np.float32)  # padded tail: 0
+    if importance is not None:
+        imp = np.asarray(importance, np.float64)
+        imp = imp / max(float(imp.mean()), 1e-30)
+        valid[: w.shape[1]] *= imp.astype(np.float32)
+    valid = valid.reshape(1, -1, block)
     lo, hi = x.min(-1), x.max(-1)
     levels = (1 << bits) - 1
     best_err = _block_sq_error(best, x, valid)
@@ -253,11 +260,11 @@ def _block_sq_error(bq: BlockQuant, x: np.ndarray, valid: np.ndarray) -> np.ndar
 
 
 def _least_squares(x: np.ndarray, q: np.ndarray, valid: np.ndarray, scale: np.ndarray, m: np.ndarray):
-    """argmin over (s, m) of sum (s*q + m - x)^2 over each block's real columns; keeps the
-    old fit where the system is singular."""
-    q, x = q * valid, x * valid
+    """argmin over (s, m) of sum v (s*q + m - x)^2 over each block's columns, v the column
+    weights (0 on padding); keeps the old fit where the system is singular."""
     n = valid.sum(-1)
-    sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
+    vq = q * valid
+    sq, sqq, sx, sqx = vq.sum(-1), (vq * q).sum(-1), (x * valid).sum(-1), (vq * x).sum(-1)
     det = n * sqq - sq * sq
     ok = det > 1e-12
     safe = np.where(ok, det, 1.0)
@@ -305,9 +312,12 @@ def scheme_name(method: str, symmetric: bool) -> str:
     return name
 
 
-def quantize(w: np.ndarray, bits: int, block: int, scheme: str) -> BlockQuant:
+def quantize(w: np.ndarray, bits: int, block: int, scheme: str, importance: np.ndarray | None = None) -> BlockQuant:
     if bits not in BITS:
         raise BadArgumentError(f"--bits {bits} is not supported; choose 4 or 8")
     if scheme not in SCHEMES:
         raise BadArgumentError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    return _with_cols(SCHEMES[scheme][1](w, bits, block), w.shape[1])
+    fit = SCHEMES[scheme][1]
+    if importance is not None and fit in (mse_float_min, mse_zero_point):
+        return _with_cols(fit(w, bits, block, importance), w.shape[1])
+    return _with_cols(fit(w, bits, block), w.shape[1])
