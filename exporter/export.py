@@ -61,6 +61,7 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
     check_target(out_dir, options.force)
     ckpt = open_checkpoint(source)
     try:
+        ckpt.check_shapes()
         tok = ckpt.tokenizer()
         plan = _plan(ckpt.config, options)
         with atomic_folder(out_dir, force=options.force) as tmp:

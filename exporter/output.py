@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,7 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edgellama.runtime.errors import BadArgumentError, OutputExistsError
+from edgellama.runtime.errors import BadArgumentError, OutputExistsError, OutputWriteError
+
+# Write failures that mean "no room", and what to tell the user about each.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "a file hit the file-size limit",
+}
 
 
 @contextmanager
@@ -28,6 +36,14 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _NO_ROOM:
+            raise
+        raise OutputWriteError(
+            f"{target}: {_NO_ROOM[exc.errno]} ({exc.strerror}) while writing it; nothing was kept — "
+            "free some space (or raise the limit) or choose another output folder"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

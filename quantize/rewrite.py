@@ -25,6 +25,7 @@ from edgellama.exporter.output import atomic_folder, check_target
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
+from edgellama.runtime.external_data import check_external_data
 
 from .gptq import gptq
 from .nodes import MS, gather_block_quantized, matmul_nbits
@@ -112,6 +113,7 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     if manifest.quantization:
         raise BadArgumentError(f"{src}: this model is already quantized ({manifest.weights}); "
                                "quantize the float export instead")
+    check_external_data(src / io.GRAPH_NAME)
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
     hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)
