@@ -20,7 +20,7 @@ from edgellama.runtime.errors import BadArgumentError
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .graph import GraphPlan, GraphWriter, build_decoder, choose_attention
-from .output import atomic_folder, check_target
+from .output import atomic_folder, check_not_source, check_target
 from .tokenizer import TokenizerFiles, write_tokenizer
 
 DTYPES = ("fp32", "fp16")
@@ -58,6 +58,7 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
 
         return export_via_optimum(source, out_dir, options, progress)
     source, out_dir = Path(source), Path(out_dir)
+    check_not_source(source, out_dir)
     check_target(out_dir, options.force)
     ckpt = open_checkpoint(source)
     try:

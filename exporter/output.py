@@ -61,6 +61,13 @@ def check_target(target: Path, force: bool) -> Path:
     return target
 
 
+def check_not_source(source: Path, target: Path) -> None:
+    """--force replaces the target: refuse when that would delete the input being read."""
+    source, target = Path(source).resolve(), Path(target).resolve()
+    if target == source or target in source.parents:
+        raise BadArgumentError(f"{target}: the output would replace the input {source}; choose another output folder")
+
+
 def _replace(tmp: Path, target: Path) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     if not target.exists():

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgellama.exporter.graph import GraphWriter
-from edgellama.exporter.output import atomic_folder, check_target
+from edgellama.exporter.output import atomic_folder, check_not_source, check_target
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
@@ -108,6 +108,7 @@ Progress = Callable[[int, int, str], None]
 def quantize_folder(src: Path, out: Path, options: QuantOptions,
                     progress: Progress = lambda done, total, what: None) -> Manifest:
     src, out = Path(src), Path(out)
+    check_not_source(src, out)
     check_target(out, options.force)
     manifest = Manifest.load(src)
     if manifest.quantization:

@@ -260,6 +260,14 @@ def _st_garbage(env):
     return export_args(env, env.hf())
 
 
+@case("safetensors-is-a-folder", "model.safetensors is a folder, not a file", "model.safetensors",
+      "Is a directory", "check the path")
+def _st_folder(env):
+    (env.hf() / "model.safetensors").unlink()
+    (env.hf() / "model.safetensors").mkdir()
+    return export_args(env, env.hf())
+
+
 @case("shard-missing", "safetensors index lists a shard that is not there", "model-00002-of-00002.safetensors",
       "not in the folder")
 def _shard_missing(env):
@@ -474,6 +482,18 @@ def _already_quantized(env):
     return ["quantize", env.model(), env.out]
 
 
+@case("chat-template-hostile", "run --chat with a template that reaches for __class__", "chat template", "unsafe")
+def _template_hostile(env):
+    (env.model() / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    return ["run", env.model(), "--prompt", "the quick", "--chat"]
+
+
+@case("chat-template-endless", "run --chat with a template that loops 10^12 times", "chat template", "limit")
+def _template_endless(env):
+    (env.model() / "chat_template.jinja").write_text("{% for i in range(10**12) %}x{% endfor %}")
+    return ["run", env.model(), "--prompt", "the quick", "--chat"]
+
+
 # ---- prompts and options -------------------------------------------------------------------
 
 @case("prompt-too-long", "a prompt longer than the model's context (128 tokens)", "prompt is", "context is 128",
@@ -534,6 +554,20 @@ def _output_exists_quantize(env):
 def _output_file(env):
     env.out.write_text("mine")
     return [*export_args(env, env.hf()), "--force"]
+
+
+@case("output-is-source", "export --force with the source folder as the output", "would replace the input",
+      "choose another")
+def _output_is_source(env):
+    env.out = env.hf()
+    return [*export_args(env, env.hf()), "--force"]
+
+
+@case("output-contains-source", "quantize --force into a folder that holds the input", "would replace the input",
+      "choose another")
+def _output_holds_source(env):
+    env.out = env.tmp
+    return ["quantize", env.model(), env.tmp, "--force"]
 
 
 @case("output-parent-missing", "export into a folder whose parent does not exist", "does not exist", "create it")
@@ -620,27 +654,28 @@ def assert_one_clean_line(exit_code: int, stdout: str, stderr: str, prefix: str 
     return lines[0]
 
 
-def assert_nothing_left(out: Path) -> None:
-    assert not out.exists() or (out / "keep.txt").is_file() or out.is_file()  # ours, or the user's own
-    if out.parent.is_dir():
-        left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-        assert not left, left
+def _snapshot(path: Path) -> list | None:
+    """What is at `path` (and beside it): names and sizes, to compare before and after."""
+    if not path.parent.is_dir():
+        return None
+    beside = sorted(p.name for p in path.parent.iterdir())
+    inside = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()) \
+        if path.is_dir() else path.is_file()
+    return [beside, inside]
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
 def test_bad_input(bad: Case, tiny_sources, tmp_path, request, monkeypatch):
     env = Env(tmp_path, tiny_sources, request, monkeypatch)
     args = [str(a) for a in bad.build(env)]
-    before = sorted(p.name for p in env.out.parent.iterdir()) if env.out.parent.is_dir() else []
+    before = _snapshot(env.out)
     result = CliRunner().invoke(main, args)
     if not isinstance(result.exception, SystemExit):
         pytest.fail("".join(traceback.format_exception(*result.exc_info)))
     line = assert_one_clean_line(result.exit_code, result.stdout, result.stderr, bad.prefix)
     for needle in bad.needles:
         assert needle in line, f"{needle!r} not in: {line}"
-    assert_nothing_left(env.out)
-    if env.out.parent.is_dir():
-        assert sorted(p.name for p in env.out.parent.iterdir()) == before
+    assert _snapshot(env.out) == before  # nothing written, nothing removed, no temporary folder beside it
     MESSAGES[bad.id] = line.replace(f"'{tmp_path}/", "'/tmp/.../").replace(f"{tmp_path}/", "").replace(str(tmp_path), ".")
 
 
