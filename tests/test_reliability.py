@@ -6,6 +6,7 @@ threads: tests/test_runtime.py::test_four_threads_share_one_model.)"""
 from __future__ import annotations
 
 import gc
+import statistics
 import threading
 import weakref
 
@@ -76,9 +77,9 @@ def test_load_unload_50_times_does_not_grow(tiny_factory, tmp_path):
         rss = load_cycles(tmp_path / "m", 50, threads=2)
     finally:
         gc.unfreeze()
-    settled = rss[10:]
-    assert settled[-1] - settled[0] < 4 * MB, [round(r / MB, 1) for r in rss]
-    assert slope(settled) < 64 * 1024, [round(r / MB, 1) for r in rss]
+    early, late = statistics.median(rss[10:20]), statistics.median(rss[-10:])  # medians: glibc's heap steps
+    assert late - early < 2 * MB, [round(r / MB, 1) for r in rss]
+    assert slope(rss[10:]) < 64 * 1024, [round(r / MB, 1) for r in rss]
 
 
 def _jobs(prompts, tokens: int) -> list[dict]:
