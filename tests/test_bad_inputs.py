@@ -482,7 +482,7 @@ def _already_quantized(env):
     return ["quantize", env.model(), env.out]
 
 
-@case("chat-template-hostile", "run --chat with a template that reaches for __class__", "chat template", "unsafe")
+@case("chat-template-hostile", "run --chat with a template that reaches for `__class__`", "chat template", "unsafe")
 def _template_hostile(env):
     (env.model() / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
     return ["run", env.model(), "--prompt", "the quick", "--chat"]
@@ -794,5 +794,5 @@ def _write_doc():
     ]
     for case_id, what in rows:
         message = MESSAGES.get(case_id, "(not run)").replace("|", "\\|")
-        lines.append(f"| `{case_id}` | {what} | {message} |")
+        lines.append(f"| `{case_id}` | {what} | `{message}` |")
     Path(target).write_text("\n".join(lines) + "\n", encoding="utf-8")
