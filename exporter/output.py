@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,16 +28,18 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
     an existing `target` is left untouched.
     """
     target = check_target(target, force)
-    parent = target.parent
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
-    except OSError as exc:
-        raise BadArgumentError(f"{parent}: cannot write here ({exc.strerror}); choose a writable output folder") from None
-    try:
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+    try:  # entered before the folder exists: a Ctrl-C right after mkdir still removes it
+        try:
+            tmp.mkdir(mode=0o700)
+        except OSError as exc:
+            raise BadArgumentError(
+                f"{target.parent}: cannot write here ({exc.strerror}); choose a writable output folder"
+            ) from None
         yield tmp
         _replace(tmp, target)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if exc.errno not in _NO_ROOM:
             raise
         raise OutputWriteError(
@@ -45,8 +47,18 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
             "free some space (or raise the limit) or choose another output folder"
         ) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    """rmtree that another Ctrl-C cannot cut short (it would leave a half-written folder)."""
+    while True:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def check_target(target: Path, force: bool) -> Path:
@@ -69,15 +81,18 @@ def check_not_source(source: Path, target: Path) -> None:
 
 
 def _replace(tmp: Path, target: Path) -> None:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    os.chmod(tmp, 0o755)  # made 0700: private while incomplete
     if not target.exists():
         os.rename(tmp, target)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, old)
     try:
+        os.rename(target, old)
         os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
+    except BaseException:  # an error or Ctrl-C between the renames: the old folder goes back
+        if not tmp.exists():
+            _remove(old)  # the new one is in place after all
+        elif old.exists() and not target.exists():
+            os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)

@@ -624,6 +624,20 @@ def _ctrl_c_export(env):
     return export_args(env, env.hf())
 
 
+@case("ctrl-c-at-mkdir", "Ctrl-C the instant the temporary output folder exists", "interrupted",
+      "nothing was left", prefix="interrupted")
+def _ctrl_c_at_mkdir(env):
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt
+
+    env.monkeypatch.setattr(Path, "mkdir", mkdir)
+    return export_args(env, env.hf())
+
+
 @case("ctrl-c-quantize", "Ctrl-C while quantize rewrites weights", "interrupted", "nothing was left",
       prefix="interrupted")
 def _ctrl_c_quantize(env):
