@@ -53,12 +53,12 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
            progress: Progress = lambda done, total, what: None) -> Manifest:
     """Write `out_dir` from a HF folder or GGUF file; all or nothing."""
+    check_not_source(source, out_dir)
     if options.via == "optimum":
         from .via_optimum import export_via_optimum
 
         return export_via_optimum(source, out_dir, options, progress)
     source, out_dir = Path(source), Path(out_dir)
-    check_not_source(source, out_dir)
     check_target(out_dir, options.force)
     ckpt = open_checkpoint(source)
     try:

@@ -43,8 +43,9 @@ def _excess_after_warmup(samples) -> int:
 def test_long_generation_rss_flat(long_context, layout):
     """Sampled generations to the end of the context (4,096 tokens), twice. After 500 tokens
     RSS grows by the KV bytes written and nothing more: from the first generation on with the
-    shared KV buffer; from the second with the concat layout, whose onnxruntime arena reaches
-    its high-water mark during the first."""
+    shared KV buffer (every decode step has the same shapes); from the second with the concat
+    layout, whose onnxruntime arena and per-length memory plans reach their high-water mark
+    during the first."""
     model = Model.load(long_context / layout, threads=1)
     assert model.shared_kv == (layout == "shared")
     prompt = model.encode("the quick brown fox")
