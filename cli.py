@@ -33,6 +33,12 @@ def _friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)
             sys.exit(130)
+        except OSError as exc:  # the file system said no: a permission, a vanished file, an I/O error
+            if debug:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}; check the path, its permissions and the disk", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -18,7 +18,7 @@ from edgellama.runtime.contract import read_json_object
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 from .config import ModelConfig
-from .names import GGUF_NAMES, HF_NAMES, checkpoint_name
+from .names import GGUF_NAMES, HF_NAMES, LAYER_WEIGHTS, checkpoint_name
 from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor,
                       read_safetensors_header, release_pages)
 from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
@@ -56,9 +56,24 @@ class Checkpoint:
             where = f"layer {layer} " if layer is not None else ""
             raise BadModelFileError(
                 f"{self.describe(key, layer)}: {where}{key} has shape {list(shape)}, "
-                f"expected {list(expected)} from the model config"
+                f"expected {list(expected)} from the model config; the config and the weights disagree, "
+                "use the config.json that came with these weights"
             )
         return tuple(shape)
+
+    def check_shapes(self) -> None:
+        """Every weight's header shape against the config before anything is built or read, so
+        no dimension of a lying config sizes an allocation (the context is capped by ModelConfig)."""
+        cfg = self.config
+        for key in ("embed", "norm", "lm_head", "rope_freqs"):
+            if key in ("embed", "norm") or self.has(key):
+                self.check_shape(key)
+        for layer in range(cfg.num_layers):
+            for key in LAYER_WEIGHTS:
+                self.check_shape(key, layer)
+            for key in ("q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias"):
+                if self.has(key, layer):
+                    self.check_shape(key, layer)
 
     def row_chunks(self, key: str, layer: int | None = None, rows_per_chunk: int = 4096):
         """Yield a big tensor (an embedding table) a few thousand rows at a time."""
@@ -102,7 +117,7 @@ def open_checkpoint(source: Path) -> Checkpoint:
 
 def _pickle_advice(path: Path) -> str:
     return (
-        f"{path}: pickle checkpoints are refused (loading them can run arbitrary code); "
+        f"{path}: pickle checkpoints are refused and never opened (unpickling can run arbitrary code); "
         "convert the model to safetensors first, e.g. with transformers' save_pretrained(safe_serialization=True)"
     )
 
@@ -113,11 +128,12 @@ def hf_weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = read_json_object(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
-            raise BadModelFileError(f"{index}: has no 'weight_map' object")
+            raise BadModelFileError(f"{index}: has no 'weight_map' object; re-download the index file")
         files = sorted({folder / str(v) for v in weight_map.values()})
         missing = [p.name for p in files if not p.is_file() or p.parent != folder]
         if missing:
-            raise BadModelFileError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}")
+            raise BadModelFileError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}; "
+                                    "download every shard into the folder")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if files:
@@ -125,7 +141,7 @@ def hf_weight_files(folder: Path) -> list[Path]:
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise UnsupportedModelError(_pickle_advice(pickles[0]))
-    raise BadModelFileError(f"{folder}: no *.safetensors weights found")
+    raise BadModelFileError(f"{folder}: no *.safetensors weights found; download the weights into the folder")
 
 
 class HFCheckpoint(Checkpoint):
@@ -157,9 +173,11 @@ class HFCheckpoint(Checkpoint):
         name = self._name(key, layer)
         ref = self.refs.get(name)
         if ref is None:
-            raise BadModelFileError(f"{self.folder}: tensor {name!r} is missing from the safetensors files")
+            raise BadModelFileError(f"{self.folder}: tensor {name!r} is missing from the safetensors files; "
+                                    "the download is incomplete or the config is wrong, re-download the model")
         if ref.dtype not in SAFETENSORS_FLOATS:
-            raise BadModelFileError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a float type")
+            raise BadModelFileError(f"{ref.path}: tensor {name!r} has dtype {ref.dtype}, not a float type; "
+                                    "this checkpoint is not a plain float model, re-save it in F32, F16 or BF16")
         return ref
 
     def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
@@ -201,7 +219,8 @@ class GGUFCheckpoint(Checkpoint):
     def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
         name = self._name(key, layer)
         if name not in self.gguf.tensors:
-            raise BadModelFileError(f"{self.gguf.path}: tensor {name!r} is missing")
+            raise BadModelFileError(f"{self.gguf.path}: tensor {name!r} is missing; the file is incomplete, "
+                                    "re-download or re-convert it")
         return self.gguf.tensors[name].shape
 
     def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:

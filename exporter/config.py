@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgellama.runtime.contract import MAX_CONTEXT
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 # HF architecture name -> family traits the graph needs to know about.
@@ -23,6 +24,9 @@ SUPPORTED_ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 # Appended to the errors of what only the native builder lacks (exporter/via_optimum.py covers more).
 VIA_OPTIMUM_HINT = "; try 'edgellama export --via optimum' (pip install 'edgellama[optimum]')"
+
+
+_FIX = "fix the config or re-download the model"
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,19 @@ class ModelConfig:
                      "num_heads", "num_kv_heads", "head_dim", "context_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise BadModelFileError(f"model config: {name} must be a positive integer, got {value!r}")
+                raise BadModelFileError(f"model config: {name} must be a positive integer, got {value!r}; {_FIX}")
+        if self.context_length > MAX_CONTEXT:
+            raise UnsupportedModelError(
+                f"model config: max_position_embeddings / context_length {self.context_length} is more than "
+                f"{MAX_CONTEXT} (the largest this tool supports); fix the config if the value is a mistake"
+            )
         if self.num_heads % self.num_kv_heads:
             raise BadModelFileError(
                 f"model config: num_attention_heads ({self.num_heads}) is not a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})"
+                f"num_key_value_heads ({self.num_kv_heads}); {_FIX}"
             )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise BadModelFileError(f"model config: sliding_window must be positive, got {self.sliding_window}; {_FIX}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"model config: head_dim {self.head_dim} is odd; rotary embeddings need it even")
 
@@ -104,6 +115,7 @@ class ModelConfig:
         H, I = self.hidden_size, self.intermediate_size
         return {
             "embed": (self.vocab_size, H),
+            "rope_freqs": (self.head_dim // 2,),  # GGUF (Llama 3.1): divisors of the rotary frequencies
             "lm_head": (self.vocab_size, H),
             "norm": (H,),
             "attn_norm": (H,),
@@ -130,7 +142,7 @@ class ModelConfig:
     def from_hf(cls, cfg: Mapping[str, Any], where: str = "config.json") -> "ModelConfig":
         archs = cfg.get("architectures") or []
         arch = archs[0] if isinstance(archs, list) and archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{where}: architecture {arch!r} is not supported by the native exporter; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}{VIA_OPTIMUM_HINT}"
@@ -142,7 +154,7 @@ class ModelConfig:
         hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
         family = SUPPORTED_ARCHITECTURES[arch]
         attention_bias = bool(cfg.get("attention_bias", False))
-        window = cfg.get("sliding_window") if family == "mistral" else None
+        window = get("sliding_window", int, default=None) if family == "mistral" else None
         if family == "qwen2" and cfg.get("use_sliding_window"):
             raise UnsupportedModelError(f"{where}: Qwen2 with use_sliding_window=true is not supported{VIA_OPTIMUM_HINT}")
         return cls(
@@ -161,7 +173,7 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family == "llama" and attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(window) if window else None,
+            sliding_window=window or None,
         )
 
     @classmethod
@@ -174,10 +186,11 @@ class ModelConfig:
             )
         get = _getter(meta, where)
         hidden, heads = get("llama.embedding_length", int), get("llama.attention.head_count", int)
-        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = get("llama.vocab_size", int, default=len(tokens) if isinstance(tokens, list) else 0)
         return cls(
             architecture="LlamaForCausalLM",
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=get("llama.feed_forward_length", int),
             num_layers=get("llama.block_count", int),
@@ -198,12 +211,12 @@ def _getter(cfg: Mapping[str, Any], where: str):
         value = cfg.get(key, missing)
         if value is missing or value is None:
             if default is missing:
-                raise BadModelFileError(f"{where}: required key {key!r} is missing")
+                raise BadModelFileError(f"{where}: required key {key!r} is missing; {_FIX}")
             return default
         if kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise BadModelFileError(f"{where}: {key!r} must be a number, got {value!r}")
+            raise BadModelFileError(f"{where}: {key!r} must be a number, got {value!r}; {_FIX}")
         return kind(value)
 
     return get
@@ -212,25 +225,24 @@ def _getter(cfg: Mapping[str, Any], where: str):
 def _rope_from_hf(cfg: Mapping[str, Any], where: str) -> RopeConfig:
     # transformers >= 5 writes "rope_parameters" (theta inside); older configs write
     # "rope_theta" plus an optional "rope_scaling".
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise BadModelFileError(f"{where}: rope_parameters / rope_scaling must be objects")
+        raise BadModelFileError(f"{where}: rope_parameters / rope_scaling must be objects; {_FIX}")
     params = {**scaling, **params}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
-    if rtype not in ROPE_TYPES:
+    if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
             f"{VIA_OPTIMUM_HINT}"
         )
+    get = _getter({"rope_theta": cfg.get("rope_theta"), **params}, where)
     return RopeConfig(
-        theta=float(theta),
+        theta=get("rope_theta", float, default=10000.0),
         type=rtype,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_context=int(params.get("original_max_position_embeddings", 8192)),
+        factor=get("factor", float, default=1.0),
+        low_freq_factor=get("low_freq_factor", float, default=1.0),
+        high_freq_factor=get("high_freq_factor", float, default=4.0),
+        original_context=get("original_max_position_embeddings", int, default=8192),
     )
 
 

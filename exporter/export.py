@@ -20,7 +20,7 @@ from edgellama.runtime.errors import BadArgumentError
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .graph import GraphPlan, GraphWriter, build_decoder, choose_attention
-from .output import atomic_folder, check_target
+from .output import atomic_folder, check_not_source, check_target
 from .tokenizer import TokenizerFiles, write_tokenizer
 
 DTYPES = ("fp32", "fp16")
@@ -53,6 +53,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
            progress: Progress = lambda done, total, what: None) -> Manifest:
     """Write `out_dir` from a HF folder or GGUF file; all or nothing."""
+    check_not_source(source, out_dir)
     if options.via == "optimum":
         from .via_optimum import export_via_optimum
 
@@ -61,6 +62,7 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
     check_target(out_dir, options.force)
     ckpt = open_checkpoint(source)
     try:
+        ckpt.check_shapes()
         tok = ckpt.tokenizer()
         plan = _plan(ckpt.config, options)
         with atomic_folder(out_dir, force=options.force) as tmp:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edgellama.runtime.errors import BadArgumentError, OutputExistsError
+from edgellama.runtime.errors import BadArgumentError, OutputExistsError, OutputWriteError
+
+# Write failures that mean "no room", and what to tell the user about each.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "a file hit the file-size limit",
+}
 
 
 @contextmanager
@@ -20,17 +28,37 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
     an existing `target` is left untouched.
     """
     target = check_target(target, force)
-    parent = target.parent
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
-    except OSError as exc:
-        raise BadArgumentError(f"{parent}: cannot write here ({exc.strerror}); choose a writable output folder") from None
-    try:
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+    try:  # entered before the folder exists: a Ctrl-C right after mkdir still removes it
+        try:
+            tmp.mkdir(mode=0o700)
+        except OSError as exc:
+            raise BadArgumentError(
+                f"{target.parent}: cannot write here ({exc.strerror}); choose a writable output folder"
+            ) from None
         yield tmp
         _replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno not in _NO_ROOM:
+            raise
+        raise OutputWriteError(
+            f"{target}: {_NO_ROOM[exc.errno]} ({exc.strerror}) while writing it; nothing was kept — "
+            "free some space (or raise the limit) or choose another output folder"
+        ) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    """rmtree that another Ctrl-C cannot cut short (it would leave a half-written folder)."""
+    while True:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def check_target(target: Path, force: bool) -> Path:
@@ -45,16 +73,26 @@ def check_target(target: Path, force: bool) -> Path:
     return target
 
 
+def check_not_source(source: Path, target: Path) -> None:
+    """--force replaces the target: refuse when that would delete the input being read."""
+    source, target = Path(source).resolve(), Path(target).resolve()
+    if target == source or target in source.parents:
+        raise BadArgumentError(f"{target}: the output would replace the input {source}; choose another output folder")
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    os.chmod(tmp, 0o755)  # made 0700: private while incomplete
     if not target.exists():
         os.rename(tmp, target)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, old)
     try:
+        os.rename(target, old)
         os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
+    except BaseException:  # an error or Ctrl-C between the renames: the old folder goes back
+        if not tmp.exists():
+            _remove(old)  # the new one is in place after all
+        elif old.exists() and not target.exists():
+            os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)

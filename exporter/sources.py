@@ -46,18 +46,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise BadModelFileError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
+            limit = f"the file has {size}" if n > size - 8 else f"the format allows at most {_MAX_HEADER}"
             raise BadModelFileError(
-                f"{path}: safetensors header claims {n} bytes but the file has {size}; the file is truncated or corrupt"
+                f"{path}: safetensors header claims {n} bytes but {limit}; the file is truncated or corrupt, re-download it"
             )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadModelFileError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+            raise BadModelFileError(f"{path}: safetensors header is not valid JSON ({exc}); re-download the file") from None
     if not isinstance(header, dict):
-        raise BadModelFileError(f"{path}: safetensors header is not a JSON object")
+        raise BadModelFileError(f"{path}: safetensors header is not a JSON object; re-download the file")
     header.pop("__metadata__", None)
     refs = {name: _tensor_ref(path, name, info, 8 + n, size) for name, info in header.items()}
-    _check_no_overlap(path, refs.values())
+    _check_no_overlap(path, refs)
     return refs
 
 
@@ -68,24 +69,27 @@ def _tensor_ref(path: Path, name: str, info: Any, base: int, size: int) -> Tenso
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
-        raise BadModelFileError(f"{path}: tensor {name!r} has a malformed header entry")
-    if dtype not in _ST_DTYPES:
-        raise UnsupportedModelError(f"{path}: tensor {name!r} has dtype {dtype}, which is not supported")
+        raise BadModelFileError(f"{path}: tensor {name!r} has a malformed header entry; re-download the file")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise UnsupportedModelError(f"{path}: tensor {name!r} has dtype {dtype!r}, which is not supported; "
+                                    f"re-save the model in one of {', '.join(_ST_DTYPES)}")
     nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_ST_DTYPES[dtype]).itemsize
     if not 0 <= start <= end or end - start != nbytes or base + end > size:
         raise BadModelFileError(
             f"{path}: tensor {name!r} claims bytes {start}..{end} (shape {list(shape)}, {dtype}) "
-            f"but the file holds {size - base} data bytes; the file is truncated or corrupt"
+            f"but the file holds {size - base} data bytes; the file is truncated or corrupt, re-download it"
         )
     return TensorRef(path, base + start, base + end, dtype, shape)
 
 
-def _check_no_overlap(path: Path, refs) -> None:
+def _check_no_overlap(path: Path, refs: dict[str, TensorRef]) -> None:
     last_end, last_name = -1, None
-    for ref in sorted(refs, key=lambda r: (r.start, r.end)):
+    for name, ref in sorted(refs.items(), key=lambda item: (item[1].start, item[1].end)):
         if ref.start < last_end and ref.end > ref.start:
-            raise BadModelFileError(f"{path}: tensors overlap in the file ({last_name!r} and another); the file is corrupt")
-        last_end = max(last_end, ref.end)
+            raise BadModelFileError(f"{path}: tensors {last_name!r} and {name!r} overlap in the file; "
+                                    "the file is corrupt, re-download it")
+        if ref.end > last_end:
+            last_end, last_name = ref.end, name
 
 
 SAFETENSORS_FLOATS = ("F64", "F32", "F16", "BF16")
@@ -117,6 +121,10 @@ _GGUF_SCALARS = {  # value type id -> struct format
     0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
 }
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+# Metadata arrays become Python lists (~40 bytes an element): cap their total so a lying file
+# cannot turn its size into ten times as much memory. Llama 3's vocabulary, scores, types and
+# merges come to ~0.7 M elements.
+_MAX_METADATA_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -133,12 +141,13 @@ class _Cursor:
 
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+        self.elements = 0  # metadata array elements read so far
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > self.size:
             raise BadModelFileError(
                 f"{self.path}: {what} runs past the end of the file (offset {self.pos}, needs {n} bytes, "
-                f"file has {self.size}); the file is truncated or corrupt"
+                f"file has {self.size}); the file is truncated or corrupt, re-download it"
             )
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
@@ -152,7 +161,7 @@ class _Cursor:
         try:
             return bytes(self.take(n, what)).decode("utf-8")
         except UnicodeDecodeError:
-            raise BadModelFileError(f"{self.path}: {what} is not valid UTF-8") from None
+            raise BadModelFileError(f"{self.path}: {what} is not valid UTF-8; the file is corrupt, re-download it") from None
 
     def value(self, vtype: int, what: str):
         if vtype in _GGUF_SCALARS:
@@ -161,16 +170,23 @@ class _Cursor:
             return self.string(what)
         if vtype == _GGUF_ARRAY:
             return self.array(what)
-        raise BadModelFileError(f"{self.path}: {what} has unknown value type {vtype}")
+        raise BadModelFileError(f"{self.path}: {what} has unknown value type {vtype}; the file is corrupt, re-download it")
 
     def array(self, what: str):
         etype, n = self.scalar("I", what), self.scalar("Q", what)
+        self.elements += n
+        if self.elements > _MAX_METADATA_ELEMENTS:
+            raise BadModelFileError(
+                f"{self.path}: {what} brings the metadata to {self.elements} array elements, more than "
+                f"{_MAX_METADATA_ELEMENTS} (no tokenizer needs that many); the file is corrupt, re-download it"
+            )
         if etype in _GGUF_SCALARS:
             fmt = _GGUF_SCALARS[etype]
             raw = self.take(n * struct.calcsize(fmt), what)
             return np.frombuffer(raw, dtype="<" + fmt).tolist()
         if n > self.size - self.pos:  # each element takes at least one byte
-            raise BadModelFileError(f"{self.path}: {what} claims {n} elements, more than the file holds")
+            raise BadModelFileError(f"{self.path}: {what} claims {n} elements, more than the file holds; "
+                                    "the file is corrupt, re-download it")
         return [self.value(etype, what) for _ in range(n)]
 
 
@@ -186,16 +202,18 @@ class GGUFFile:
         cur = _Cursor(self._mm, self.path)
         magic = bytes(cur.take(4, "magic"))
         if magic != GGUF_MAGIC:
-            raise BadModelFileError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+            raise BadModelFileError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); "
+                                    "give a .gguf file or a Hugging Face model folder")
         version = cur.scalar("I", "version")
         if version not in (2, 3):
-            raise UnsupportedModelError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
+            raise UnsupportedModelError(f"{self.path}: GGUF version {version} is not supported (2 or 3); "
+                                        "re-convert the model with llama.cpp's convert_hf_to_gguf.py")
         n_tensors, n_kv = cur.scalar("Q", "tensor count"), cur.scalar("Q", "metadata count")
         # A tensor entry takes >= 24 bytes and a metadata entry >= 13: cap counts by the file size.
         if n_tensors * 24 + n_kv * 13 > cur.size:
             raise BadModelFileError(
                 f"{self.path}: header claims {n_tensors} tensors and {n_kv} metadata entries, "
-                f"more than a {cur.size}-byte file can hold; the file is corrupt"
+                f"more than a {cur.size}-byte file can hold; the file is corrupt, re-download it"
             )
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
@@ -204,7 +222,8 @@ class GGUFFile:
         infos = [self._tensor_info(cur, i) for i in range(n_tensors)]
         align = self.metadata.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise BadModelFileError(f"{self.path}: general.alignment {align!r} is not a power of two")
+            raise BadModelFileError(f"{self.path}: general.alignment {align!r} is not a power of two; "
+                                    "the file is corrupt, re-download it")
         data = -(-cur.pos // align) * align
         self.tensors = {info[0]: self._locate(info, data) for info in infos}
 
@@ -212,7 +231,8 @@ class GGUFFile:
         name = cur.string(f"tensor #{i} name")
         n_dims = cur.scalar("I", f"tensor {name!r} rank")
         if n_dims > 8:
-            raise BadModelFileError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions (at most 8)")
+            raise BadModelFileError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions (at most 8); "
+                                    "the file is corrupt, re-download it")
         dims = [cur.scalar("Q", f"tensor {name!r} dims") for _ in range(n_dims)]
         ttype, offset = cur.scalar("I", f"tensor {name!r} type"), cur.scalar("Q", f"tensor {name!r} offset")
         return name, tuple(reversed(dims)), ttype, offset
@@ -225,16 +245,18 @@ class GGUFFile:
             qtype = GGMLQuantizationType(ttype)
             block, block_bytes = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise UnsupportedModelError(f"{self.path}: tensor {name!r} has unknown ggml type {ttype}") from None
+            raise UnsupportedModelError(f"{self.path}: tensor {name!r} has unknown ggml type {ttype}; "
+                                        "re-convert the model to a common type (F16, Q8_0, Q4_K ...)") from None
         n = int(np.prod(shape, dtype=object))
         if shape and shape[-1] % block:
-            raise BadModelFileError(f"{self.path}: tensor {name!r} row of {shape[-1]} is not a multiple of {qtype.name}'s block {block}")
+            raise BadModelFileError(f"{self.path}: tensor {name!r} row of {shape[-1]} is not a multiple of "
+                                    f"{qtype.name}'s block {block}; the file is corrupt, re-download it")
         nbytes = n // block * block_bytes
         start = data_start + offset
         if start + nbytes > len(self._mm):
             raise BadModelFileError(
                 f"{self.path}: tensor {name!r} ({qtype.name}, shape {list(shape)}) needs bytes "
-                f"{start}..{start + nbytes} but the file ends at {len(self._mm)}; the file is truncated"
+                f"{start}..{start + nbytes} but the file ends at {len(self._mm)}; the file is truncated, re-download it"
             )
         return GGUFTensor(name, shape, ttype, start, start + nbytes)
 

@@ -486,13 +486,16 @@ def _required(metadata: Mapping[str, Any], name: str, kind: type | tuple[type, .
     return value
 
 
-def _optional_list(metadata: Mapping[str, Any], name: str, length: int) -> list | None:
+def _optional_list(metadata: Mapping[str, Any], name: str, length: int | None, kind: type | tuple[type, ...]) -> list | None:
+    """The array `name` (every element a `kind`, `length` of them when given), or None if absent."""
     key = _KEY + name
     value = metadata.get(key)
     if value is None:
         return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise BadModelFileError(f"GGUF {key} is not an array of {_kind_name(kind)}; the file is damaged, re-convert the model")
     value = list(value)
-    if len(value) != length:
+    if length is not None and len(value) != length:
         raise BadModelFileError(
             f"GGUF {key} has {len(value)} entries for {length} tokens; the file is damaged, re-convert the model"
         )
@@ -510,15 +513,19 @@ def _gguf_vocab(metadata: Mapping[str, Any]) -> _GgufVocab:
         raise BadModelFileError(
             f"GGUF {_KEY}tokens lists {duplicates} token(s) twice; llama.cpp refuses such a file too, re-convert it"
         )
-    types = _optional_list(metadata, "token_type", len(tokens))
-    scores = _optional_list(metadata, "scores", len(tokens))
-    merges = metadata.get(_KEY + "merges")
+    types = _optional_list(metadata, "token_type", len(tokens), int)
+    scores = _optional_list(metadata, "scores", len(tokens), (int, float))
+    merges = _optional_list(metadata, "merges", None, str)
     return _GgufVocab(
         tokens=tokens,
-        token_types=[int(kind) for kind in types] if types is not None else [_NORMAL] * len(tokens),
+        token_types=types if types is not None else [_NORMAL] * len(tokens),
         scores=[float(score) for score in scores] if scores is not None else None,
-        merges=[str(merge) for merge in merges] if merges is not None else None,
+        merges=merges,
     )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return {int: "integers", str: "strings"}.get(kind, "numbers")
 
 
 def _gguf_special_ids(metadata: Mapping[str, Any], model: str, n_tokens: int) -> _SpecialIds:
@@ -528,7 +535,9 @@ def _gguf_special_ids(metadata: Mapping[str, Any], model: str, n_tokens: int) ->
         value = metadata.get(f"{_KEY}{key}", defaults.get(name))
         if value is None:
             return None
-        if not 0 <= int(value) < n_tokens:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadModelFileError(f"GGUF {_KEY}{key} = {value!r} is not a token id; re-convert the model")
+        if not 0 <= value < n_tokens:
             raise BadModelFileError(
                 f"GGUF {_KEY}{key} = {value} is outside the vocabulary of {n_tokens} tokens; re-convert the model"
             )
@@ -583,7 +592,7 @@ def _added_tokens(vocab: _GgufVocab) -> list[AddedToken]:
 
 def _build_byte_level_bpe(metadata: Mapping[str, Any], vocab: _GgufVocab, ids: _SpecialIds) -> _Built:
     pre_name = metadata.get(_KEY + "pre") or "default"  # llama.cpp falls back to "default" too
-    pre = _BPE_PRE_TOKENIZERS.get(pre_name)
+    pre = _BPE_PRE_TOKENIZERS.get(pre_name) if isinstance(pre_name, str) else None
     if pre is None:
         raise UnsupportedModelError(
             f"GGUF {_KEY}pre = {pre_name!r}: this pre-tokenizer is not supported "

@@ -21,10 +21,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgellama.exporter.graph import GraphWriter
-from edgellama.exporter.output import atomic_folder, check_target
+from edgellama.exporter.output import atomic_folder, check_not_source, check_target
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
+from edgellama.runtime.external_data import check_external_data
 
 from .gptq import gptq
 from .nodes import MS, gather_block_quantized, matmul_nbits
@@ -118,11 +119,13 @@ Progress = Callable[[int, int, str], None]
 def quantize_folder(src: Path, out: Path, options: QuantOptions,
                     progress: Progress = lambda done, total, what: None) -> Manifest:
     src, out = Path(src), Path(out)
+    check_not_source(src, out)
     check_target(out, options.force)
     manifest = Manifest.load(src)
     if manifest.quantization:
         raise BadArgumentError(f"{src}: this model is already quantized ({manifest.weights}); "
                                "quantize the float export instead")
+    check_external_data(src / io.GRAPH_NAME)
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
     hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)

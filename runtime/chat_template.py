@@ -38,6 +38,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import BadArgumentError, BadModelFileError, EdgeLlamaError
 
+_FIX = "use a trusted chat_template.jinja in the model folder, or prompt without the template"
+
 MAX_OUTPUT = 4_000_000  # chars a render may produce; also the largest str/list/int a template may build
 MAX_INPUT = MAX_OUTPUT // 2  # chars of message content a render accepts
 MAX_RANGE = 100_000  # items in one range()
@@ -93,15 +95,15 @@ def _template_errors() -> Iterator[None]:
     except _Raised as e:
         raise BadArgumentError(f"the chat template rejected the messages: {e.message}") from None
     except TemplateSyntaxError as e:
-        raise BadModelFileError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
+        raise BadModelFileError(f"chat template has a syntax error on line {e.lineno}: {e.message}; {_FIX}") from None
     except SecurityError as e:
         raise BadModelFileError(
-            f"chat template tried an unsafe operation: {e}; the model's template is refused"
+            f"chat template tried an unsafe operation: {e}; the model's template is refused — {_FIX}"
         ) from None
     except _LimitExceeded as e:
-        raise BadModelFileError(f"chat template exceeded a limit: {e}; the model's template is refused") from None
+        raise BadModelFileError(f"chat template exceeded a limit: {e}; the model's template is refused — {_FIX}") from None
     except Exception as e:  # anything else the template's code raised
-        raise BadModelFileError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+        raise BadModelFileError(f"chat template failed to render: {type(e).__name__}: {e}; {_FIX}") from None
 
 
 @contextmanager

@@ -26,6 +26,10 @@ from .errors import BadModelFileError
 
 MANIFEST_NAME = "edgellama.json"
 MANIFEST_VERSION = 1
+# The longest context a model folder may claim. The exporter's rope tables and the runtime's
+# KV buffers are sized from it, so a lying config or manifest must not make it terabytes;
+# 2^20 covers every supported family (Qwen2.5-1M: 1,010,000).
+MAX_CONTEXT = 1 << 20
 GRAPH_NAME = "model.onnx"
 GRAPH_DATA_NAME = "model.onnx.data"
 
@@ -112,13 +116,42 @@ class Manifest:
             )
         raw = read_json_object(path, "manifest")
         version = raw.get("manifest_version")
-        if not isinstance(version, int) or version > MANIFEST_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BadModelFileError(f"{path}: manifest_version {version!r} is not a version number; re-export the model")
+        if version > MANIFEST_VERSION:
             raise BadModelFileError(
-                f"{path}: manifest version {version!r} is newer than this edgellama understands "
-                f"(<= {MANIFEST_VERSION}); upgrade edgellama"
+                f"{path}: manifest version {version} is newer than this edgellama understands "
+                f"(up to {MANIFEST_VERSION}); upgrade edgellama (pip install -U edgellama)"
             )
         known = set(cls.__dataclass_fields__)
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            manifest = cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as exc:
             raise BadModelFileError(f"{path}: manifest is incomplete ({exc}); re-export the model") from None
+        _check_fields(path, manifest)
+        return manifest
+
+
+_DIMENSIONS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(path: Path, m: Manifest) -> None:
+    """The runtime sizes buffers and makes choices from these: each must have the right type."""
+    checks = [(name, _is_int(getattr(m, name)) and getattr(m, name) > 0, "a positive integer") for name in _DIMENSIONS]
+    checks += [
+        ("context_length", not _is_int(m.context_length) or m.context_length <= MAX_CONTEXT, f"at most {MAX_CONTEXT}"),
+        ("dtype", isinstance(m.dtype, str) and m.dtype in KV_DTYPES, " or ".join(KV_DTYPES)),
+        ("kv_buffer", m.kv_buffer in ("shared", "concat"), "shared or concat"),
+        ("bos_token_id", m.bos_token_id is None or _is_int(m.bos_token_id), "a token id or null"),
+        ("eos_token_ids", isinstance(m.eos_token_ids, list) and all(map(_is_int, m.eos_token_ids)), "a list of token ids"),
+        ("add_bos_token", isinstance(m.add_bos_token, bool), "true or false"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise BadModelFileError(
+                f"{path}: {name} is {getattr(m, name)!r}, expected {expected}; re-export the model"
+            )

@@ -31,3 +31,7 @@ class ContextOverflowError(EdgeLlamaError):
 
 class OutputExistsError(EdgeLlamaError):
     """The output location exists and --force was not given."""
+
+
+class OutputWriteError(EdgeLlamaError):
+    """Writing the output failed part way (a full disk, a quota, a file-size limit); nothing was kept."""

@@ -110,7 +110,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise BadArgumentError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise BadArgumentError(f"max_new_tokens is {self.max_new_tokens!r}; give a positive integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise BadArgumentError("stop strings must be non-empty text")
         if self.show_probs < 0:

@@ -22,6 +22,7 @@ from . import contract as io
 from .chat_template import ChatTemplate
 from .contract import Manifest, read_json_object
 from .errors import BadArgumentError, BadModelFileError
+from .external_data import check_external_data
 from .generate import Decoder, Generation, GenerationConfig
 from .sampling import SamplingParams
 from .session import GraphIO, make_session
@@ -45,6 +46,7 @@ class Model:
         manifest = _load_manifest(folder)
         tokenizer = _load_tokenizer(folder)
         template = _load_chat_template(folder, tokenizer, manifest)
+        check_external_data(folder / io.GRAPH_NAME)  # before onnxruntime opens any file it names
         session = make_session(folder / io.GRAPH_NAME, provider, threads)
         return cls(folder, manifest, session, tokenizer, template, provider)
 

@@ -79,12 +79,12 @@ def _check_type(name: str, value: object) -> None:
         ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
         kind = "a finite number"
     if not ok:
-        raise BadArgumentError(f"sampling: {name} must be {kind}, got {value!r}")
+        raise BadArgumentError(f"sampling: {name} is {value!r}; give {kind}")
 
 
 def _check_range(name: str, value: object, ok: bool, allowed: str) -> None:
     if not ok:
-        raise BadArgumentError(f"sampling: {name} must be {allowed}, got {value!r}")
+        raise BadArgumentError(f"sampling: {name} {value!r} is out of range; give a value {allowed}")
 
 
 # --- processors: (logits (vocab,) float64, history (n,) int64) -> logits -----------------

@@ -28,7 +28,7 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
             f"(available: {', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu"
         )
     if threads is not None and threads < 1:
-        raise BadArgumentError(f"threads must be >= 1, got {threads}")
+        raise BadArgumentError(f"threads is {threads}; give a number >= 1 (or leave it out for the physical cores)")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads or _physical_cores()
@@ -43,7 +43,7 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = external_data_folder if isinstance(graph, bytes) else graph
-        raise BadModelFileError(f"{where}: onnxruntime cannot load this graph ({first})") from None
+        raise BadModelFileError(f"{where}: onnxruntime cannot load this graph ({first}); re-export the model") from None
 
 
 def _physical_cores() -> int:

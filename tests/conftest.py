@@ -105,3 +105,17 @@ def tiny_factory(tmp_path):
         return folder, make_tiny(folder, family, **overrides)
 
     return make
+
+
+def small_gguf(arch: str = "llama", version: int = 3, magic: bytes = b"GGUF", dims: tuple[int, ...] = (4,)) -> bytes:
+    """A hand-written GGUF: two metadata entries and one F32 tensor "w" (4 values, whatever `dims` claim)."""
+    import struct
+
+    def string(s: bytes) -> bytes:
+        return struct.pack("<Q", len(s)) + s
+
+    kv = string(b"general.architecture") + struct.pack("<I", 8) + string(arch.encode())
+    kv += string(b"llama.block_count") + struct.pack("<II", 4, 1)
+    info = string(b"w") + struct.pack(f"<I{len(dims)}Q", len(dims), *dims) + struct.pack("<IQ", 0, 0)  # F32, offset 0
+    head = magic + struct.pack("<IQQ", version, 1, 2) + kv + info
+    return head + b"\0" * (-len(head) % 32) + struct.pack("<4f", 1, 2, 3, 4)

@@ -1,0 +1,150 @@
+"""Which files an ONNX graph reads besides itself, found without the onnx package.
+
+A model folder is untrusted input: any tensor's external data may name any path
+("../../home/me/.ssh/id_rsa", "/etc/shadow"). Recent ONNX Runtime versions refuse such
+paths; older ones read them. This module checks every external-data location before a
+session is made, whatever ONNX Runtime version is installed.
+
+The walk reads the protobuf wire format directly and descends only into the messages that
+can hold tensors (field numbers from onnx.proto):
+
+  ModelProto      graph 7, functions 25
+  FunctionProto   node 7
+  GraphProto      node 1, initializer 5, sparse_initializer 15
+  NodeProto       attribute 5
+  AttributeProto  t 5, g 6, tensors 10, graphs 11, sparse_tensor 22, sparse_tensors 23
+  SparseTensorProto values 1, indices 2
+  TensorProto     external_data 13 (StringStringEntryProto: key 1, value 2)
+
+Everything else (weights in raw_data, names, shapes) is skipped by its length, so the walk
+costs a few milliseconds even on a graph with its weights inside.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BadModelFileError
+
+_CHILDREN = {  # message -> {field number: child message}
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {},  # external_data 13: read by _entry
+}
+_MAX_DEPTH = 64  # subgraphs nest (If / Loop bodies); a deeper file is hostile
+
+
+class _Malformed(Exception):
+    pass
+
+
+def external_data(graph: Path) -> list[dict[str, str]]:
+    """The external_data entries ({"location": ..., "offset": ..., "length": ...}) of every
+    tensor in the graph file that keeps its values outside it."""
+    if not Path(graph).is_file():
+        raise BadModelFileError(f"{graph}: the graph file is missing; re-export the model")
+    with open(graph, "rb") as f:
+        if Path(graph).stat().st_size == 0:
+            raise BadModelFileError(f"{graph}: the graph file is empty; re-export the model")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                found: list[dict[str, str]] = []
+                _walk(buf, 0, len(buf), "model", 0, found)
+                return found
+            except _Malformed:
+                raise BadModelFileError(f"{graph}: not a valid ONNX file; re-export the model") from None
+            finally:
+                buf.release()
+
+
+def check_external_data(graph: Path) -> None:
+    """Refuse a graph whose weights point outside its own folder (an absolute path, "..", a
+    symlink that leads out) or past the end of their file."""
+    folder = Path(graph).parent.resolve()
+    sizes: dict[str, int] = {}
+    for info in external_data(graph):
+        location = info.get("location", "")
+        path = Path(location)
+        if path.is_absolute() or folder not in (folder / path).resolve().parents:
+            raise BadModelFileError(
+                f"{graph}: its weights point outside the model folder ({location!r}); refusing to read them — "
+                "re-export the model or use a folder from a source you trust"
+            )
+        if location not in sizes:
+            sizes[location] = (folder / path).stat().st_size if (folder / path).is_file() else -1
+        if sizes[location] < 0:
+            raise BadModelFileError(f"{folder / path}: the weights file is missing; re-export the model")
+        end = _int(info.get("offset", "0")) + _int(info.get("length", "0"))
+        if end > sizes[location]:
+            raise BadModelFileError(
+                f"{folder / path}: truncated (a tensor needs bytes up to {end}, the file has {sizes[location]}); "
+                "re-export or re-download the model"
+            )
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isdigit() else 0
+
+
+def _walk(buf: memoryview, pos: int, end: int, kind: str, depth: int, found: list[dict[str, str]]) -> None:
+    if depth > _MAX_DEPTH:
+        raise _Malformed
+    children = _CHILDREN.get(kind, {})
+    if kind == "tensor":
+        entries = [_entry(buf, start, stop) for field, start, stop in _fields(buf, pos, end) if field == 13]
+        if entries:
+            found.append(dict(entries))
+        return
+    for field, start, stop in _fields(buf, pos, end):
+        if field in children and start >= 0:
+            _walk(buf, start, stop, children[field], depth + 1, found)
+
+
+def _entry(buf: memoryview, pos: int, end: int) -> tuple[str, str]:
+    """A StringStringEntryProto: (key, value)."""
+    kv = {field: bytes(buf[start:stop]).decode("utf-8", "replace") for field, start, stop in _fields(buf, pos, end)
+          if start >= 0}
+    return kv.get(1, ""), kv.get(2, "")
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, stop) of each length-delimited field; (field, -1, -1) for others."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+            yield field, -1, -1
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            yield field, -1, -1
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed
+            yield field, pos, pos + n
+            pos += n
+        else:
+            raise _Malformed
+    if pos != end:
+        raise _Malformed
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
