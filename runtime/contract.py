@@ -92,6 +92,9 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(default_factory=dict)
+    # Set by `edgellama compile`: target, format, level, onnxruntime version, graph file ...;
+    # runtime/artifact.py checks it before loading.
+    compiled: dict[str, Any] | None = None
     manifest_version: int = MANIFEST_VERSION
 
     @property

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
+from . import artifact
 from . import contract as io
 from .chat_template import ChatTemplate
 from .contract import Manifest, read_json_object
@@ -40,12 +41,18 @@ class Model:
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
         folder = Path(folder)
+        if artifact.is_bundle(folder):  # every file checked against SHA256SUMS before use
+            with artifact.unpacked(folder) as files:
+                model = cls.load(files, provider, threads)
+            model.folder = folder  # the unpacked copy is gone; the session holds what it needs
+            return model
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
         manifest = _load_manifest(folder)
+        plan = artifact.load_plan(folder, manifest, provider)
         tokenizer = _load_tokenizer(folder)
         template = _load_chat_template(folder, tokenizer, manifest)
-        session = make_session(folder / io.GRAPH_NAME, provider, threads)
+        session = make_session(plan.graph, provider, threads, plan.optimize, plan.config)
         return cls(folder, manifest, session, tokenizer, template, provider)
 
     # ---- facts --------------------------------------------------------------------------

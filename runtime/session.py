@@ -16,7 +16,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def make_session(graph: Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def make_session(graph: Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
+                 config: dict[str, str] | None = None) -> ort.InferenceSession:
+    """optimize=False for graphs optimized offline (`edgellama compile`); config: extra
+    session config entries."""
     if provider not in PROVIDERS:
         raise BadArgumentError(f"provider {provider!r} is not supported; choose one of {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -31,6 +34,10 @@ def make_session(graph: Path, provider: str = "cpu", threads: int | None = None)
     opts.intra_op_num_threads = threads or _physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
         return ort.InferenceSession(str(graph), opts, providers=providers)
