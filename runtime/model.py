@@ -13,6 +13,7 @@ generation (and each ChatSession) owns its own KV cache and IO binding.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -50,9 +51,11 @@ class Model:
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
         manifest = _load_manifest(folder)
         plan = artifact.load_plan(folder, manifest, provider)
-        tokenizer = _load_tokenizer(folder)
-        template = _load_chat_template(folder, tokenizer, manifest)
-        session = make_session(plan.graph, provider, threads, plan.optimize, plan.config)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # onnxruntime builds the session without the GIL
+            building = pool.submit(make_session, plan.graph, provider, threads, plan.optimize, plan.config)
+            tokenizer = _load_tokenizer(folder)
+            template = _load_chat_template(folder, tokenizer, manifest)
+            session = building.result()
         return cls(folder, manifest, session, tokenizer, template, provider)
 
     # ---- facts --------------------------------------------------------------------------

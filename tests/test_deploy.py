@@ -338,3 +338,13 @@ def test_pack_refusals_write_nothing(tiny, compiled, tmp_path):
     assert r.exit_code == 0 and "bundle digest" in r.stderr
     digest = hashlib.sha256(zipfile.ZipFile(tmp_path / "cli.edgellama").read("SHA256SUMS")).hexdigest()
     assert digest in r.stderr
+
+
+def test_inspect_reads_compiled_folders_and_bundles(tiny, bundle, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["inspect", str(bundle)])
+    assert r.exit_code == 0 and "every file matches SHA256SUMS" in r.output and '"prepacked": true' in r.output
+    assert "GroupQueryAttention" not in r.output and "past_key_values.1.value" in r.output
+    compile_folder(tiny / "int4", tmp_path / "ort", CompileOptions(format="ort"))
+    r = runner.invoke(main, ["inspect", str(tmp_path / "ort")])
+    assert r.exit_code == 0 and "ORT format" in r.output and "MatMulNBits" in r.output
