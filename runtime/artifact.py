@@ -7,8 +7,9 @@ Two kinds, both written by `edgellama.deploy` (which may import onnx; this modul
   `load_plan` refuses an artifact this process cannot run correctly, and tells the
   session not to optimize again what was baked in.
 * A bundle (`edgellama pack`): one zip (every entry stored, uncompressed) holding a model
-  folder and ``SHA256SUMS``. `unpacked` checks every entry's name and SHA-256 while it
-  copies it into a private temporary folder, which is removed when the `with` ends.
+  folder and ``SHA256SUMS``. `unpacked` checks every entry's name, copies it into a
+  private temporary folder and checks the copy's SHA-256; the folder is removed when the
+  `with` ends.
 
 Compatibility rules (checked in this order, each refusal one line):
 
@@ -26,9 +27,12 @@ Compatibility rules (checked in this order, each refusal one line):
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import platform
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -162,8 +166,9 @@ def unpacked(bundle: Path) -> Iterator[Path]:
         entries = _check_entries(bundle, zf, sums)
         tmp = Path(tempfile.mkdtemp(prefix="edgellama-bundle-"))
         try:
-            for info in entries:
-                _extract_verified(bundle, zf, info, tmp, sums[info.filename])
+            with open(bundle, "rb") as raw:
+                for info in entries:
+                    _extract_verified(bundle, raw, info, tmp, sums[info.filename])
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,21 +236,64 @@ def _check_entries(bundle: Path, zf: zipfile.ZipFile, sums: dict[str, str]) -> l
     return entries
 
 
-def _extract_verified(bundle: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, digest: str) -> None:
+def _extract_verified(bundle: Path, raw, info: zipfile.ZipInfo, folder: Path, digest: str) -> None:
+    """Copy one stored entry out (in the kernel where it can), then hash the copy: what is
+    checked is exactly what will be loaded. zipfile's CRC pass is skipped: SHA-256 decides."""
+    start = _data_start(bundle, raw, info)
     target = folder / info.filename  # a plain name (checked): stays inside `folder`
-    h = hashlib.sha256()
-    damaged = None
     try:
-        with zf.open(info) as src, open(target, "xb") as dst:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                dst.write(chunk)
-    except zipfile.BadZipFile as exc:  # zipfile's own CRC-32 check
-        damaged = str(exc)
+        with open(target, "xb") as dst:
+            _copy_range(raw, dst, start, info.file_size)
+        actual = _sha256_file(target)
     except OSError as exc:
         raise BadArgumentError(f"{folder}: cannot unpack {bundle} here ({exc.strerror}); set TMPDIR to a "
                                "folder with room for the model") from None
-    if damaged or h.hexdigest() != digest:
-        raise BadModelFileError(f"{bundle}: {info.filename} is corrupted or was modified (SHA-256 does not match "
-                                f"{BUNDLE_SUMS}{'; ' + damaged if damaged else ''}); refusing to load it: "
-                                "copy the bundle again or re-pack it")
+    if actual != digest:
+        raise BadModelFileError(f"{bundle}: {info.filename} is corrupted or was modified (its SHA-256 does not "
+                                f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
+
+
+def _data_start(bundle: Path, raw, info: zipfile.ZipInfo) -> int:
+    """Where a stored entry's bytes begin: after its local header, which must agree with
+    the central directory."""
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise BadModelFileError(f"{bundle}: {info.filename}: damaged local header; copy the bundle again")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if raw.read(name_len) != info.filename.encode("utf-8"):
+        raise BadModelFileError(f"{bundle}: {info.filename}: local header names another file; the bundle was "
+                                "tampered with")
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > os.fstat(raw.fileno()).st_size:
+        raise BadModelFileError(f"{bundle}: {info.filename} is truncated; copy the bundle again")
+    return start
+
+
+def _copy_range(src, dst, start: int, size: int) -> None:
+    copied = 0
+    try:  # Linux: no trip through user space (and a reflink on filesystems that have them)
+        while copied < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - copied, start + copied)
+            if n == 0:
+                break
+            copied += n
+    except (AttributeError, OSError):  # not Linux, or a filesystem pair it cannot handle
+        pass
+    src.seek(start + copied)
+    dst.seek(copied)
+    while copied < size:
+        chunk = src.read(min(_CHUNK, size - copied))
+        if not chunk:
+            raise OSError(5, "unexpected end of the bundle")
+        dst.write(chunk)
+        copied += len(chunk)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)  # hashlib hashes the mapping in place, without the GIL
+    return h.hexdigest()
