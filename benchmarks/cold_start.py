@@ -15,6 +15,8 @@ machine weighs on all alike, each waiting for a quiet machine first (cpuload.py)
 * load: all of Model.load (manifest, checks, tokenizer, template, session; for a bundle
   also the SHA-256 check and unpacking); median.
 * peak RSS: the child's VmHWM after the first token (genai's child: ru_maxrss); median.
+* CPU s: the child's user + system CPU time over its whole life (to first token, then
+  exit); less disturbed than wall time when other processes share the cores; median.
 * size: the folder's files (the bundle file for a bundle).
 
 onnxruntime-genai runs its own exports (/work/peers/out/genai-*) in its own venv through
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,14 +97,17 @@ def prepare(work: Path) -> dict[str, list[tuple[str, list[str], Path]]]:
 def one(cmd: list[str], path: Path) -> dict:
     args = cmd + [str(path)] + ([json.dumps(PROMPT_IDS)] if "-c" in cmd else [])
     wait_quiet(max_wait_s=float(os.environ.get("CPULOAD_MAX_WAIT_S", "20")))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ForeignLoad() as fl:
         t = time.time()
         p = subprocess.run(args, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise RuntimeError(f"{path}: child failed\n{p.stderr[-2000:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
     r["ttft_s"] = r.pop("t_first_wall") - t
     r["foreign_cpus"] = fl.cpus
+    r["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return r
 
 
@@ -132,14 +138,14 @@ def main() -> None:
 
 def table(plan, results) -> str:
     med = lambda runs, k: statistics.median(r[k] for r in runs) if all(k in r for r in runs) else None  # noqa: E731
-    lines = ["| model | variant | cold first token s | vs uncompiled | session s | load s | peak RSS MB "
-             "| size MB | foreign CPUs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | cold first token s | vs uncompiled | CPU s | session s | load s | peak RSS MB "
+             "| size MB | foreign CPUs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for prec, variants in plan.items():
         base = med(results[prec]["uncompiled"], "ttft_s")
         for name, _, path in variants:
             runs = results[prec][name]
             ttft, sess = med(runs, "ttft_s"), med(runs, "session_s")
-            lines.append(f"| {prec} | {name} | {ttft:.3f} | {base / ttft:.2f}× | "
+            lines.append(f"| {prec} | {name} | {ttft:.3f} | {base / ttft:.2f}× | {med(runs, 'cpu_s'):.3f} | "
                          f"{'-' if sess is None else f'{sess:.3f}'} | {med(runs, 'load_s'):.3f} | "
                          f"{med(runs, 'peak_rss_mb'):.0f} | {size_mb(path):.0f} | {med(runs, 'foreign_cpus'):.2f} |")
     return "\n".join(lines)
