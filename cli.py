@@ -354,5 +354,47 @@ def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | N
     server.run()
 
 
+# ---- deploy: compile, pack -------------------------------------------------------------------
+
+@main.command(name="compile")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="The provider the artifact will run on; it loads only there.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="ort: ORT format for ONNX Runtime Mobile / minimal builds (+ required_operators.config).")
+@click.option("--level", type=click.Choice(["basic", "extended", "all"]), default="all", show_default=True,
+              help="onnxruntime graph optimization level to bake in.")
+@click.option("--prepack/--no-prepack", default=True, show_default=True,
+              help="Save weights in the CPU kernels' packed layout (cpu, onnx format): fastest load, "
+                   "but the artifact runs only on this CPU type and onnxruntime version.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@_friendly
+def compile_(model_dir: Path, output_dir: Path, target: str, fmt: str, level: str, prepack: bool, force: bool) -> None:
+    """Optimize MODEL_DIR's graph offline for a device (or convert it to ORT format)."""
+    from edgellama.deploy.compile import CompileOptions, compile_folder
+
+    manifest = compile_folder(model_dir, output_dir, CompileOptions(target, fmt, level, prepack, force))
+    c = manifest.compiled
+    click.echo(f"wrote {output_dir} ({c['format']}, target {c['target']}, level {c['level']}, "
+               f"onnxruntime {c['onnxruntime']}{', prepacked' if c['prepacked'] else ''})", err=True)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace BUNDLE if it exists.")
+@_friendly
+def pack(model_dir: Path, bundle: Path, force: bool) -> None:
+    """Pack MODEL_DIR into one verified file (graph, weights, tokenizer, manifest, SHA256SUMS).
+
+    run, chat, eval, bench and Model.load accept the file where a folder is expected."""
+    from edgellama.deploy.bundle import pack as run_pack
+
+    digest = run_pack(model_dir, bundle, force)
+    click.echo(f"wrote {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB); bundle digest "
+               f"(SHA-256 of SHA256SUMS) {digest}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

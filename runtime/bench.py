@@ -91,7 +91,10 @@ def cold_start(folder: Path, provider: str, threads: int | None, n_prompt: int) 
 
 
 def folder_size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()) / 2**20
+    """A model folder's files, or a bundle file's size."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else [p for p in folder.iterdir() if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3,

@@ -98,6 +98,9 @@ class Manifest:
     graph_io: dict[str, Any] | None = None  # --via optimum: the traced graph's I/O, "{i}" standing for each layer
     source: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(default_factory=dict)
+    # Set by `edgellama compile`: target, format, level, onnxruntime version, graph file ...;
+    # runtime/artifact.py checks it before loading.
+    compiled: dict[str, Any] | None = None
     manifest_version: int = MANIFEST_VERSION
 
     @property

@@ -13,11 +13,13 @@ generation (and each ChatSession) owns its own KV cache and IO binding.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers import Tokenizer
 
+from . import artifact
 from . import contract as io
 from .chat_template import ChatTemplate
 from .contract import Manifest, read_json_object
@@ -41,13 +43,22 @@ class Model:
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
         folder = Path(folder)
+        if artifact.is_bundle(folder):  # every file checked against SHA256SUMS before use
+            with artifact.unpacked(folder) as files:
+                model = cls.load(files, provider, threads)
+            model.folder = folder  # the unpacked copy is gone; the session holds what it needs
+            return model
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
         manifest = _load_manifest(folder)
-        tokenizer = _load_tokenizer(folder)
-        template = _load_chat_template(folder, tokenizer, manifest)
-        check_external_data(folder / io.GRAPH_NAME)  # before onnxruntime opens any file it names
-        session = make_session(folder / io.GRAPH_NAME, provider, threads)
+        plan = artifact.load_plan(folder, manifest, provider)
+        if Path(plan.graph).suffix == ".onnx":
+            check_external_data(Path(plan.graph))  # before onnxruntime opens any file it names
+        with ThreadPoolExecutor(max_workers=1) as pool:  # onnxruntime builds the session without the GIL
+            building = pool.submit(make_session, plan.graph, provider, threads, plan.optimize, plan.config)
+            tokenizer = _load_tokenizer(folder)
+            template = _load_chat_template(folder, tokenizer, manifest)
+            session = building.result()
         return cls(folder, manifest, session, tokenizer, template, provider)
 
     # ---- facts --------------------------------------------------------------------------

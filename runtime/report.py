@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import artifact
 from . import contract as io
 from .contract import Manifest
 from .errors import BadModelFileError
@@ -18,7 +19,14 @@ def describe(folder: Path) -> str:
     import onnx  # only the inspect command needs it
 
     folder = Path(folder)
+    if artifact.is_bundle(folder):
+        with artifact.unpacked(folder) as files:
+            return f"bundle {folder}: every file matches SHA256SUMS\n" + describe(files)
     manifest = Manifest.load(folder)
+    if manifest.compiled and manifest.compiled.get("format") == "ort":
+        ops = folder / "required_operators.config"
+        listed = ops.read_text(encoding="utf-8").rstrip() if ops.is_file() else "(required_operators.config missing)"
+        return "\n".join([manifest.to_json().rstrip(), "", "graph: model.ort (ORT format); operators:", listed])
     graph_path = folder / io.GRAPH_NAME
     try:
         graph = onnx.load(str(graph_path), load_external_data=False).graph

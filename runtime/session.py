@@ -16,10 +16,12 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None = None,
-                 external_data_folder: Path | None = None) -> ort.InferenceSession:
+def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
+                 config: dict[str, str] | None = None, external_data_folder: Path | None = None
+                 ) -> ort.InferenceSession:
     """A session on a graph file, or on serialized graph bytes whose external data lives in
-    `external_data_folder`."""
+    `external_data_folder`. optimize=False for graphs optimized offline (`edgellama compile`);
+    config: extra session config entries."""
     if provider not in PROVIDERS:
         raise BadArgumentError(f"provider {provider!r} is not supported; choose one of {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -34,6 +36,10 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
     opts.intra_op_num_threads = threads or _physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     if external_data_folder is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                       str(external_data_folder))

@@ -1,0 +1,1 @@
+"""Device artifacts: offline-optimized graphs (`compile`) and verified bundles (`pack`)."""

@@ -1,0 +1,102 @@
+"""`edgellama pack`: one file to ship a model folder (exported, quantized or compiled).
+
+The bundle is a zip whose entries are all *stored* (not compressed: weights barely
+compress, and stored data is copied at disk speed and can be memory-mapped), each
+entry's data starting on a 4 KiB boundary (a zip "extra" field pads the local header,
+as Android's zipalign does), plus ``SHA256SUMS`` in sha256sum's format. The runtime
+(runtime/artifact.py) checks names and checksums of every file before it loads one.
+
+The checksums catch corruption and a file changed alone; whoever can rewrite the whole
+bundle can rewrite SHA256SUMS too: compare the bundle's digest (printed by pack, the
+SHA-256 of SHA256SUMS) with the publisher's to detect that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+from edgellama.runtime import artifact
+from edgellama.runtime import contract as io
+from edgellama.runtime.contract import Manifest
+from edgellama.runtime.errors import BadArgumentError, OutputExistsError
+
+ALIGN = 4096
+_PAD_ID = 0xD935  # the extra-field id zipalign uses for padding
+_LOCAL_HEADER = 30
+_ZIP64_EXTRA = 20
+_DATE = (2020, 1, 1, 0, 0, 0)  # fixed: the same folder packs to the same bytes
+
+
+def pack(folder: Path, bundle: Path, force: bool = False) -> str:
+    """Write `bundle` from model folder `folder`, atomically; returns its digest."""
+    folder, bundle = Path(folder), Path(bundle).absolute()
+    files = _members(folder)
+    if bundle.exists() and (not force or not bundle.is_file()):
+        raise OutputExistsError(f"{bundle}: already exists; pass --force to replace it")
+    if not bundle.parent.is_dir():
+        raise BadArgumentError(f"{bundle.parent}: output's parent folder does not exist; create it first")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".partial", dir=bundle.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            sums = "".join(f"{_add(zf, raw, f)}  {f.name}\n" for f in files)
+            _add_bytes(zf, raw, artifact.BUNDLE_SUMS, sums.encode("utf-8"))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, bundle)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(sums.encode("utf-8")).hexdigest()
+
+
+def _members(folder: Path) -> list[Path]:
+    """The folder's regular files, checked: a model folder with a manifest, plain names."""
+    if not folder.is_dir():
+        raise BadArgumentError(f"{folder}: not a model folder; pack a folder from 'edgellama export', "
+                               "'quantize' or 'compile'")
+    Manifest.load(folder)  # raises with the reason when this is no model folder
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue  # editor and OS litter, partial writes
+        if p.is_symlink() or not p.is_file():
+            raise BadArgumentError(f"{p}: not a regular file; a model folder holds only files")
+        if not artifact.safe_member_name(p.name) or p.name == artifact.BUNDLE_SUMS:
+            raise BadArgumentError(f"{p}: this file name cannot go into a bundle; rename or remove it")
+        files.append(p)
+    return files
+
+
+def _info(zf: zipfile.ZipFile, raw, name: str, size: int) -> tuple[zipfile.ZipInfo, bool]:
+    """A ZipInfo whose data will start on an ALIGN boundary; (info, zip64)."""
+    info = zipfile.ZipInfo(name, date_time=_DATE)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule for a zip64 local header
+    header = _LOCAL_HEADER + len(name.encode("utf-8")) + (_ZIP64_EXTRA if zip64 else 0) + 4
+    pad = -(raw.tell() + header) % ALIGN
+    info.extra = struct.pack("<HH", _PAD_ID, pad) + b"\0" * pad
+    return info, zip64
+
+
+def _add(zf: zipfile.ZipFile, raw, path: Path) -> str:
+    """Stream one file into the zip; returns its SHA-256."""
+    info, zip64 = _info(zf, raw, path.name, path.stat().st_size)
+    h = hashlib.sha256()
+    with open(path, "rb") as src, zf.open(info, "w", force_zip64=zip64) as dst:
+        while chunk := src.read(1 << 22):
+            h.update(chunk)
+            dst.write(chunk)
+    return h.hexdigest()
+
+
+def _add_bytes(zf: zipfile.ZipFile, raw, name: str, data: bytes) -> None:
+    info, zip64 = _info(zf, raw, name, len(data))
+    with zf.open(info, "w", force_zip64=zip64) as dst:
+        dst.write(data)

@@ -1,0 +1,165 @@
+"""`edgellama compile`: bake onnxruntime's graph optimizations into a model folder.
+
+onnxruntime optimizes every graph when it creates a session (fusions, constant folding)
+and then *prepacks* constant weights into its kernels' private layouts (MLAS GEMM panels,
+MatMulNBits blocks). For SmolLM2-135M prepacking is most of the load time. This command
+runs both once, offline, and saves the result:
+
+* ``--format onnx``: the optimized graph as model.onnx + model.onnx.data (external
+  initializers, so any size works), and on cpu (unless ``--no-prepack``) the prepacked
+  weights beside them, memory-mapped at load instead of recomputed.
+* ``--format ort``: the optimized graph in ORT format (one flatbuffer file, memory-mapped
+  at load) for ONNX Runtime Mobile and minimal builds, plus the reduced operator
+  configuration such a build needs (required_operators.config, and
+  required_operators_and_types.config for --enable_type_reduction). ORT format cannot
+  hold prepacked weights: onnxruntime packs them at load.
+
+Targets: ``cpu`` optimizes with the CPU provider. ``cuda`` optimizes with the CUDA
+provider when this onnxruntime has it (every level then holds CUDA-specific fusions);
+without it only ``--level basic`` is allowed, because basic rewrites run before graph
+partitioning and hold for every provider, while extended and layout rewrites are made
+per provider and would bake in CPU kernels. The manifest's ``compiled`` record states
+target, format, level, providers, onnxruntime version and (when tied to it) the CPU;
+runtime/artifact.py holds the rules a loader checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnxruntime as ort
+
+from edgellama.exporter.output import atomic_folder, check_target
+from edgellama.runtime import artifact
+from edgellama.runtime import contract as io
+from edgellama.runtime.contract import Manifest
+from edgellama.runtime.errors import BadArgumentError, BadModelFileError
+
+_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+ORT_FORMAT_MAX_BYTES = 2**31 - 2**24  # flatbuffers address 2 GiB; keep room for the graph
+OPS_CONFIG = "required_operators.config"
+OPS_TYPES_CONFIG = "required_operators_and_types.config"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"  # "cpu" | "cuda"
+    format: str = "onnx"  # "onnx" | "ort"
+    level: str = "all"  # "basic" | "extended" | "all"
+    prepack: bool = True  # save prepacked weights (cpu, onnx format only)
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("--target", self.target, artifact.TARGETS),
+                                     ("--format", self.format, tuple(artifact.FORMATS)),
+                                     ("--level", self.level, artifact.LEVELS)):
+            if value not in allowed:
+                raise BadArgumentError(f"{name} {value!r} is not supported; choose one of {', '.join(allowed)}")
+
+    @property
+    def saves_prepacked(self) -> bool:
+        return self.prepack and self.target == "cpu" and self.format == "onnx"
+
+
+def compile_folder(src: Path, out: Path, options: CompileOptions = CompileOptions()) -> Manifest:
+    """Write `out`: `src`'s files with its graph optimized (and converted) per `options`."""
+    src, out = Path(src), Path(out)
+    check_target(out, options.force)
+    manifest = _source_manifest(src)
+    providers = _providers(options)
+    with atomic_folder(out, force=options.force) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME) \
+                    and not (options.format == "ort" and f.name == "genai_config.json"):
+                shutil.copy2(f, tmp / f.name)
+        graph = tmp / artifact.FORMATS[options.format]
+        _optimize(src / io.GRAPH_NAME, graph, options, providers)
+        if options.format == "ort":
+            write_operator_configs(graph, tmp)
+        compiled = manifest_record(options, providers)
+        new = replace(manifest, compiled=compiled)
+        (tmp / io.MANIFEST_NAME).write_text(new.to_json(), encoding="utf-8")
+    return new
+
+
+def manifest_record(options: CompileOptions, providers: list[str]) -> dict:
+    record = {"target": options.target, "format": options.format, "level": options.level,
+              "graph": artifact.FORMATS[options.format], "onnxruntime": ort.__version__,
+              "providers": providers, "prepacked": options.saves_prepacked}
+    if options.saves_prepacked or (options.target == "cpu" and options.level == "all"):
+        record["cpu"] = artifact.cpu_fingerprint()
+    return record
+
+
+def _source_manifest(src: Path) -> Manifest:
+    if not src.is_dir():
+        raise BadArgumentError(f"{src}: not a model folder; compile a folder from 'edgellama export' or 'quantize'")
+    manifest = Manifest.load(src)
+    if manifest.compiled:
+        raise BadArgumentError(f"{src}: already compiled ({manifest.compiled.get('format')}, "
+                               f"{manifest.compiled.get('target')}); compile its source folder instead")
+    if not (src / io.GRAPH_NAME).is_file():
+        raise BadModelFileError(f"{src / io.GRAPH_NAME}: the graph is missing; re-export the model")
+    return manifest
+
+
+def _providers(options: CompileOptions) -> list[str]:
+    if options.target == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if options.level != "basic":
+        raise BadArgumentError(
+            f"--target cuda --level {options.level} needs onnxruntime-gpu with CUDA on this machine (extended and "
+            "layout rewrites are made per provider); use --level basic here, or compile where CUDA is available")
+    return ["CPUExecutionProvider"]  # basic rewrites only: provider-independent
+
+
+def _optimize(graph: Path, out: Path, options: CompileOptions, providers: list[str]) -> None:
+    if options.format == "ort":
+        size = graph.stat().st_size + sum(p.stat().st_size for p in graph.parent.glob(io.GRAPH_DATA_NAME))
+        if size > ORT_FORMAT_MAX_BYTES:
+            raise BadArgumentError(f"{graph.parent}: {size / 2**30:.1f} GiB of graph and weights do not fit an ORT "
+                                   "format file (at most 2 GiB); use --format onnx")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = _LEVELS[options.level]
+    opts.optimized_model_filepath = str(out)
+    if options.format == "ort":
+        opts.add_session_config_entry("session.save_model_format", "ORT")
+    else:  # weights stay external (no 2 GB protobuf limit); small constants stay inline
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", io.GRAPH_DATA_NAME)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if options.saves_prepacked:
+        opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    try:
+        ort.InferenceSession(str(graph), opts, providers=providers)
+    except Exception as exc:  # onnxruntime's untyped errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadModelFileError(f"{graph}: onnxruntime cannot optimize this graph ({first})") from None
+    if not out.is_file():
+        raise BadModelFileError(f"{graph}: onnxruntime wrote no optimized graph; check the model with 'edgellama inspect'")
+
+
+def write_operator_configs(ort_model: Path, folder: Path) -> None:
+    """The operators (and, for type reduction, the types) a minimal onnxruntime build
+    needs for this model: pass to build.sh --include_ops_by_config."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    quiet = logging.getLogger("ort_format_model.utils")  # it logs "Created config in <tmp path>"
+    for name, types in ((OPS_CONFIG, False), (OPS_TYPES_CONFIG, True)):
+        path = folder / name
+        level, quiet.level = quiet.level, logging.WARNING
+        try:
+            create_config_from_models([ort_model], path, types)
+        finally:
+            quiet.setLevel(level)
+        # The generated header names the (temporary) path it read; name the file instead.
+        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = [f"# - {ort_model.name}" if line.startswith("# - ") else line for line in lines]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,299 @@
+"""What the runtime checks before it runs a deployment artifact.
+
+Two kinds, both written by `edgellama.deploy` (which may import onnx; this module may not):
+
+* A compiled folder (`edgellama compile`): the manifest's ``compiled`` record says which
+  graph file to load, for which target and with which onnxruntime it was optimized.
+  `load_plan` refuses an artifact this process cannot run correctly, and tells the
+  session not to optimize again what was baked in.
+* A bundle (`edgellama pack`): one zip (every entry stored, uncompressed) holding a model
+  folder and ``SHA256SUMS``. `unpacked` checks every entry's name, copies it into a
+  private temporary folder and checks the copy's SHA-256; the folder is removed when the
+  `with` ends.
+
+Compatibility rules (checked in this order, each refusal one line):
+
+1. target: an artifact compiled for ``cpu`` loads only with provider cpu, one for
+   ``cuda`` only with cuda (provider-specific fusions and kernels are baked in).
+2. onnxruntime: same major.minor as the compiler's (optimized graphs use internal
+   fused ops whose kernels change between minor releases); exactly the same version
+   when prepacked weights are baked in (their byte layout is private to a build).
+3. CPU: an artifact with prepacked weights or optimized at level ``all`` for cpu was
+   laid out for the instruction sets of the machine that compiled it (MLAS packs
+   weights per ISA; onnxruntime says level-all graphs are hardware specific): the
+   machine architecture and the ISA features below must match exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import platform
+import shutil
+import stat
+import struct
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import onnxruntime as ort
+
+from . import contract as io
+from .contract import Manifest
+from .errors import BadArgumentError, BadModelFileError
+
+TARGETS = ("cpu", "cuda")
+FORMATS = {"onnx": io.GRAPH_NAME, "ort": "model.ort"}
+LEVELS = ("basic", "extended", "all")
+TARGET_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# The CPU features MLAS picks kernels (and packed-weight layouts) by; compared as a set.
+ISA_FEATURES = (
+    "sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+    "avx512_vnni", "avx_vnni", "avx_vnni_int8", "avx512_bf16", "avx512_fp16", "amx_tile",
+    "amx_int8", "amx_bf16",                                                     # x86-64
+    "asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2", "sme",  # arm64
+)
+
+BUNDLE_SUMS = "SHA256SUMS"
+_SUMS_MAX_BYTES = 1 << 20
+_CHUNK = 1 << 22
+
+
+# ---- compiled folders ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to open a folder's graph: which file, whether onnxruntime optimizes it again,
+    and extra session config entries."""
+
+    graph: Path
+    optimize: bool = True
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def cpu_fingerprint() -> dict:
+    """{"machine": "x86_64", "isa": [...]}: what a prepacked or level-all artifact is tied to."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    flags.update(value.split())
+                    break
+    except OSError:  # not Linux: the machine name alone (compile on the device itself)
+        pass
+    return {"machine": platform.machine().lower(), "isa": sorted(flags.intersection(ISA_FEATURES))}
+
+
+def ort_version_compatible(built: str, running: str, exact: bool) -> bool:
+    if exact:
+        return built == running
+    return built.split(".")[:2] == running.split(".")[:2]
+
+
+def load_plan(folder: Path, manifest: Manifest, provider: str) -> LoadPlan:
+    """The graph to open and how; refuses a compiled artifact this process cannot run."""
+    rec = manifest.compiled
+    if not rec:
+        return LoadPlan(folder / io.GRAPH_NAME)
+    where = folder / io.MANIFEST_NAME
+    target, fmt, level = rec.get("target"), rec.get("format"), rec.get("level")
+    built = str(rec.get("onnxruntime", ""))
+    if target not in TARGETS or fmt not in FORMATS or level not in LEVELS or not built:
+        raise BadModelFileError(f"{where}: the 'compiled' record is incomplete or unknown ({rec!r}); "
+                                "compile the model again")
+    if provider != target:
+        raise BadArgumentError(f"{folder}: compiled for target {target!r} but loaded with provider {provider!r}; "
+                               f"use --provider {target} or run 'edgellama compile --target {provider}' on the source")
+    prepacked = bool(rec.get("prepacked"))
+    if not ort_version_compatible(built, ort.__version__, exact=prepacked):
+        rule = "exactly that version" if prepacked else f"onnxruntime {'.'.join(built.split('.')[:2])}.x"
+        raise BadModelFileError(f"{folder}: compiled with onnxruntime {built}, running {ort.__version__}; "
+                                f"this artifact needs {rule}: compile the source model again with this onnxruntime")
+    if prepacked or (target == "cpu" and level == "all"):
+        _check_cpu(folder, rec.get("cpu"))
+    graph = folder / FORMATS[fmt]
+    config = {}
+    if fmt == "ort":  # map the flatbuffer and let initializers point into it: no copy at load
+        config = {"session.load_model_format": "ORT", "session.use_memory_mapped_ort_model": "1",
+                  "session.use_ort_model_bytes_for_initializers": "1"}
+    # Optimized with the target's own provider: every level up to `level` is baked in. A
+    # cuda artifact compiled without CUDA holds only the provider-independent (basic)
+    # rewrites; onnxruntime adds the CUDA ones at load.
+    optimize = TARGET_PROVIDER[target] not in rec.get("providers", [])
+    return LoadPlan(graph, optimize=optimize, config=config)
+
+
+def _check_cpu(folder: Path, built) -> None:
+    here = cpu_fingerprint()
+    if not isinstance(built, dict) or built.get("machine") != here["machine"] \
+            or sorted(built.get("isa", [])) != here["isa"]:
+        built = built if isinstance(built, dict) else {}
+        missing = sorted(set(built.get("isa", [])) - set(here["isa"]))
+        extra = sorted(set(here["isa"]) - set(built.get("isa", [])))
+        detail = f"{built.get('machine')!r} vs this {here['machine']!r}" if built.get("machine") != here["machine"] \
+            else f"this CPU lacks {missing or 'nothing'}, adds {extra or 'nothing'}"
+        raise BadModelFileError(f"{folder}: compiled for another CPU ({detail}); its prepacked weights or "
+                                "level-all graph would be wrong here: compile on this machine, or with "
+                                "--no-prepack --level extended for a portable artifact")
+
+
+# ---- bundles --------------------------------------------------------------------------------
+
+def is_bundle(path: Path) -> bool:
+    """A file given where a model folder is expected is read as a bundle."""
+    return Path(path).is_file()
+
+
+@contextmanager
+def unpacked(bundle: Path) -> Iterator[Path]:
+    """Yield a private folder holding the bundle's files, each checked against SHA256SUMS
+    as it is copied; nothing is yielded unless every file matches."""
+    bundle = Path(bundle)
+    try:
+        zf = zipfile.ZipFile(bundle)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BadModelFileError(f"{bundle}: not a model folder nor an edgellama bundle ({exc}); "
+                                "pass a folder from 'edgellama export' or a file from 'edgellama pack'") from None
+    with zf:
+        sums = _read_sums(bundle, zf)
+        entries = _check_entries(bundle, zf, sums)
+        tmp = Path(tempfile.mkdtemp(prefix="edgellama-bundle-"))
+        try:
+            with open(bundle, "rb") as raw:
+                for info in entries:
+                    _extract_verified(bundle, raw, info, tmp, sums[info.filename])
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def safe_member_name(name: str) -> bool:
+    """A plain file name: no folders, no parent references, nothing absolute or hidden."""
+    return (bool(name) and "/" not in name and "\\" not in name and "\x00" not in name
+            and ":" not in name and not name.startswith(".") and len(name) <= 255)
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """'<64 hex>  <name>' lines (sha256sum's format) -> {name: hex}; ValueError if malformed."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) \
+                or not safe_member_name(name) or name in sums:
+            raise ValueError(f"bad line {line[:120]!r}")
+        sums[name] = digest
+    return sums
+
+
+def _read_sums(bundle: Path, zf: zipfile.ZipFile) -> dict[str, str]:
+    try:
+        info = zf.getinfo(BUNDLE_SUMS)
+    except KeyError:
+        raise BadModelFileError(f"{bundle}: no {BUNDLE_SUMS} inside; not a bundle from 'edgellama pack'") from None
+    if info.file_size > _SUMS_MAX_BYTES:
+        raise BadModelFileError(f"{bundle}: {BUNDLE_SUMS} is {info.file_size} bytes; not a bundle from 'edgellama pack'")
+    try:
+        sums = parse_sums(zf.read(info).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise BadModelFileError(f"{bundle}: {BUNDLE_SUMS} is malformed ({exc}); re-pack the model") from None
+    if io.MANIFEST_NAME not in sums:
+        raise BadModelFileError(f"{bundle}: {BUNDLE_SUMS} does not list {io.MANIFEST_NAME}; re-pack the model")
+    return sums
+
+
+def _check_entries(bundle: Path, zf: zipfile.ZipFile, sums: dict[str, str]) -> list[zipfile.ZipInfo]:
+    """Every entry a stored, plain, listed file; every listed file present exactly once."""
+    seen: set[str] = set()
+    entries = []
+    for info in zf.infolist():
+        name = info.filename
+        if not safe_member_name(name):
+            raise BadModelFileError(f"{bundle}: entry {name!r} is not a plain file name (folders, '..' and absolute "
+                                    "paths are refused); the bundle is damaged or was tampered with")
+        if name in seen:
+            raise BadModelFileError(f"{bundle}: entry {name!r} appears twice; the bundle was tampered with")
+        seen.add(name)
+        if info.is_dir() or stat.S_IFMT(info.external_attr >> 16) not in (0, stat.S_IFREG):  # 0: type unset
+            raise BadModelFileError(f"{bundle}: entry {name!r} is not a regular file; the bundle was tampered with")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise BadModelFileError(f"{bundle}: entry {name!r} is compressed; 'edgellama pack' stores files as they are")
+        if name != BUNDLE_SUMS:
+            if name not in sums:
+                raise BadModelFileError(f"{bundle}: entry {name!r} is not listed in {BUNDLE_SUMS}; "
+                                        "the bundle was tampered with")
+            entries.append(info)
+    missing = sorted(set(sums) - seen)
+    if missing:
+        raise BadModelFileError(f"{bundle}: {', '.join(missing)} listed in {BUNDLE_SUMS} but missing; "
+                                "the bundle is incomplete")
+    return entries
+
+
+def _extract_verified(bundle: Path, raw, info: zipfile.ZipInfo, folder: Path, digest: str) -> None:
+    """Copy one stored entry out (in the kernel where it can), then hash the copy: what is
+    checked is exactly what will be loaded. zipfile's CRC pass is skipped: SHA-256 decides."""
+    start = _data_start(bundle, raw, info)
+    target = folder / info.filename  # a plain name (checked): stays inside `folder`
+    try:
+        with open(target, "xb") as dst:
+            _copy_range(raw, dst, start, info.file_size)
+        actual = _sha256_file(target)
+    except OSError as exc:
+        raise BadArgumentError(f"{folder}: cannot unpack {bundle} here ({exc.strerror}); set TMPDIR to a "
+                               "folder with room for the model") from None
+    if actual != digest:
+        raise BadModelFileError(f"{bundle}: {info.filename} is corrupted or was modified (its SHA-256 does not "
+                                f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
+
+
+def _data_start(bundle: Path, raw, info: zipfile.ZipInfo) -> int:
+    """Where a stored entry's bytes begin: after its local header, which must agree with
+    the central directory."""
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise BadModelFileError(f"{bundle}: {info.filename}: damaged local header; copy the bundle again")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if raw.read(name_len) != info.filename.encode("utf-8"):
+        raise BadModelFileError(f"{bundle}: {info.filename}: local header names another file; the bundle was "
+                                "tampered with")
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > os.fstat(raw.fileno()).st_size:
+        raise BadModelFileError(f"{bundle}: {info.filename} is truncated; copy the bundle again")
+    return start
+
+
+def _copy_range(src, dst, start: int, size: int) -> None:
+    copied = 0
+    try:  # Linux: no trip through user space (and a reflink on filesystems that have them)
+        while copied < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - copied, start + copied)
+            if n == 0:
+                break
+            copied += n
+    except (AttributeError, OSError):  # not Linux, or a filesystem pair it cannot handle
+        pass
+    src.seek(start + copied)
+    dst.seek(copied)
+    while copied < size:
+        chunk = src.read(min(_CHUNK, size - copied))
+        if not chunk:
+            raise OSError(5, "unexpected end of the bundle")
+        dst.write(chunk)
+        copied += len(chunk)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)  # hashlib hashes the mapping in place, without the GIL
+    return h.hexdigest()
