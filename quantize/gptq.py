@@ -14,7 +14,10 @@ import numpy as np
 
 from .schemes import BlockQuant, _with_cols, mse_float_min, mse_zero_point, rtn_symmetric
 
-DAMP = 0.01  # fraction of mean(diag(H)) added to the diagonal: H is estimated from a few thousand tokens
+# Fraction of mean(diag(H)) added to the diagonal. H comes from a few thousand tokens of one
+# kind of text; heavier damping than the paper's 0.01 generalises better to other text
+# (SmolLM2 int4 block 128 on GPL-3: perplexity 36.2 at 0.01, 32.1 at 0.1; float 22.3).
+DAMP = 0.1
 LAZY = 128  # columns updated together (the "lazy batch" of the paper); a multiple of every block size <= 128
 
 
