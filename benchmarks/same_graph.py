@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def run(python: str, system: str, model: str, runs: int, threads: int) -> dict:
     cmd = [python, str(DECODE), "--system", system, "--model", model, "--runs", str(runs),
            "--cold-runs", "0", "--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={"CPULOAD_MAX_WAIT_S": "2", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                         env=dict(os.environ, CPULOAD_MAX_WAIT_S="2", HF_HUB_OFFLINE="1"))
     return json.loads(out.stdout)
 
 
