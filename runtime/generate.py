@@ -14,7 +14,7 @@ import numpy as np
 from . import contract as io
 from .detokenize import StreamDecoder
 from .errors import BadArgumentError, ContextOverflowError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, aligned_zeros
 from .sampling import SamplingParams, make_sampler, token_prob, top_probs
 
 if TYPE_CHECKING:
@@ -36,14 +36,14 @@ class Decoder:
         self.cache = KVCache(model.graph_io, model.shared_kv, capacity, model.device)
         self.tokens: list[int] = []  # what the cache holds
         self.fed = 0  # tokens run through the graph, over this decoder's life
-        self._ids = np.zeros(capacity, np.int64)
+        self._ids = aligned_zeros(capacity, np.int64)
         # Ones for the tokens the cache holds, zeros after: with a shared KV buffer every
         # decode step binds the whole (1, capacity) mask, so the graph sees the same shapes
         # each step and ONNX Runtime plans its memory once instead of once per length.
-        self._mask = np.zeros(capacity, np.int64)
+        self._mask = aligned_zeros(capacity, np.int64)
         self._fixed_shape = model.shared_kv
         self._pos = np.arange(capacity, dtype=np.int64)
-        self._step_logits = np.empty((1, 1, model.vocab_size), np.float32)
+        self._step_logits = aligned_zeros((1, 1, model.vocab_size), np.float32)
         self._keep_one = np.ones((), np.int64)
         if model.graph_io.has_logits_to_keep:  # only the last position's logits are ever needed
             self.binding.bind_input(io.LOGITS_TO_KEEP, "cpu", 0, np.int64, [], self._keep_one.ctypes.data)
@@ -54,9 +54,9 @@ class Decoder:
 
     def reserve(self, capacity: int) -> None:
         if capacity > self.capacity:
-            self._ids = np.resize(self._ids, capacity)
-            self._mask = np.resize(self._mask, capacity)
-            self._mask[self.cache.length:] = 0
+            ids, mask = aligned_zeros(capacity, np.int64), aligned_zeros(capacity, np.int64)
+            ids[: len(self._ids)], mask[: self.cache.length] = self._ids, 1
+            self._ids, self._mask = ids, mask
             self._pos = np.arange(capacity, dtype=np.int64)
         self.cache.reserve(capacity)
 
