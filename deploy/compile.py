@@ -26,13 +26,12 @@ runtime/artifact.py holds the rules a loader checks.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
 
-from edgellama.exporter.output import atomic_folder, check_target
+from edgellama.exporter.output import atomic_folder, check_target, copy_model_files
 from edgellama.runtime import artifact
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
@@ -73,10 +72,8 @@ def compile_folder(src: Path, out: Path, options: CompileOptions = CompileOption
     manifest = _source_manifest(src)
     providers = _providers(options)
     with atomic_folder(out, force=options.force) as tmp:
-        for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME) \
-                    and not (options.format == "ort" and f.name == "genai_config.json"):
-                shutil.copy2(f, tmp / f.name)
+        skip = {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME} | ({"genai_config.json"} if options.format == "ort" else set())
+        copy_model_files(src, tmp, skip)
         graph = tmp / artifact.FORMATS[options.format]
         _optimize(src / io.GRAPH_NAME, graph, options, providers)
         if options.format == "ort":

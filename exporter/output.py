@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edgellama.runtime.errors import BadArgumentError, OutputExistsError, OutputWriteError
+from edgellama.runtime.errors import BadArgumentError, BadModelFileError, OutputExistsError, OutputWriteError
 
 # Write failures that mean "no room", and what to tell the user about each.
 _NO_ROOM = {
@@ -96,3 +96,18 @@ def _replace(tmp: Path, target: Path) -> None:
             os.rename(old, target)
         raise
     _remove(old)
+
+
+def copy_model_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy a model folder's other files (tokenizer, chat template, configs) into dst.
+    A link that leads outside the folder is refused: a downloaded folder must not make
+    the tool copy some other file of this machine into its output."""
+    root = Path(src).resolve()
+    for f in sorted(Path(src).iterdir()):
+        if f.name in skip or f.name.startswith("."):
+            continue
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise BadModelFileError(f"{f}: a link to a file outside the model folder; refusing to copy it — "
+                                    "put the file itself in the folder")
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)

@@ -11,7 +11,6 @@ read from the memory-mapped source, quantized and written before the next is rea
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -21,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgellama.exporter.graph import GraphWriter
-from edgellama.exporter.output import atomic_folder, check_not_source, check_target
+from edgellama.exporter.output import atomic_folder, check_not_source, check_target, copy_model_files
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
@@ -131,9 +130,7 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)
                 if options.calibrated else {})
     with atomic_folder(out, force=options.force) as tmp:
-        for f in src.iterdir():
-            if f.is_file() and f.name not in (io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME):
-                shutil.copy2(f, tmp / f.name)
+        copy_model_files(src, tmp, {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME})
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
             g = GraphWriter(data, io.GRAPH_DATA_NAME, prefix="quant/")  # apart from the copied nodes' names
             errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress,

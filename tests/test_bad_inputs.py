@@ -421,6 +421,17 @@ def _outside_quantize(env):
     return ["quantize", env.model(), env.out]
 
 
+@case("link-outside-quantize", "quantize: the folder's chat_template.jinja links to a file outside it",
+      "outside the model folder", "refusing to copy")
+def _link_outside_quantize(env):
+    model = env.model()
+    secret = env.tmp / "secret.txt"
+    secret.write_text("not a tokenizer")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (model / "chat_template.jinja").symlink_to(secret)
+    return ["quantize", model, env.out, "--no-calibration"]
+
+
 @case("manifest-newer", "edgellama.json written by a newer manifest version", "manifest version 99",
       "upgrade edgellama")
 def _manifest_newer(env):
