@@ -176,6 +176,7 @@ class _Target(NamedTuple):
     layout: str  # "kn": stored (K, N) as MatMul reads it | "nk": stored (N, K), as Gemm(transB) and Gather read it
     bits: int
     bias: str | None = None  # Gemm's C
+    head: bool = False  # the lm_head: a matmul whose output size is the vocabulary
 
 
 def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions, vocab: int,
@@ -186,7 +187,7 @@ def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt
     transposed = _transposed_weights(model.graph, reader)
     inputs = set()
     for node in model.graph.node:
-        if _projection(_quantizable(node, reader, opt, transposed, vocab), reader, vocab):
+        if _projection(_quantizable(node, reader, opt, transposed, vocab)):
             inputs.add(node.input[0])
     text = None
     if opt.calibration is not None:
@@ -199,11 +200,9 @@ def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt
     return hessians
 
 
-def _projection(target, reader: InitializerReader, vocab: int) -> bool:
-    """A MatMul-like target that is not the lm_head (GPTQ applies to these)."""
-    if target is None or target.kind != "matmul":
-        return False
-    return reader.protos[target.weight].dims[1 if target.layout == "kn" else 0] != vocab
+def _projection(target: _Target | None) -> bool:
+    """A MatMul-like target that is not the lm_head: the weights calibration applies to."""
+    return target is not None and target.kind == "matmul" and not target.head
 
 
 def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, opt: QuantOptions,
@@ -218,7 +217,7 @@ def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, 
         if target is None:
             g.nodes.append(node)
         else:
-            hessian = (hessians or {}).get(node.input[0]) if _projection(target, reader, vocab) else None
+            hessian = (hessians or {}).get(node.input[0]) if _projection(target) else None
             errors.extend(_emit(node, target, reader, once, opt, dtype, sums, done, hessian))
         progress(i + 1, total, "nodes")
     used = _used_names(g.nodes) | {o.name for o in graph.output}
@@ -256,10 +255,6 @@ def _used_names(nodes) -> set[str]:
 def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed: dict[str, str],
                  vocab: int) -> _Target | None:
     """What to quantize for this node, or None to keep it as it is."""
-    def bits_for(weight: str, layout: str) -> int | None:
-        n = reader.protos[weight].dims[1 if layout == "kn" else 0]
-        return opt.table_bits("lm_head") if n == vocab else opt.bits
-
     target = None
     if node.op_type == "MatMul" and reader.is_float_matrix(node.input[1]):
         target = _Target("matmul", node.input[1], "kn", 0)
@@ -280,8 +275,9 @@ def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed:
         return _Target("gather", node.input[0], "nk", bits) if bits and axis == 0 else None
     if target is None:
         return None
-    bits = bits_for(target.weight, target.layout)
-    return target._replace(bits=bits) if bits else None
+    head = reader.protos[target.weight].dims[1 if target.layout == "kn" else 0] == vocab
+    bits = opt.table_bits("lm_head") if head else opt.bits
+    return target._replace(bits=bits, head=head) if bits else None
 
 
 class _WriteOnce:
