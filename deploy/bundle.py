@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 from edgellama.runtime import artifact
-from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, OutputExistsError
 
