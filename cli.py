@@ -6,6 +6,7 @@ Errors a user can fix print one line to stderr and exit non-zero; --debug shows 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def _friendly(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def _runtime_process() -> None:
+    """For the commands that load a model and generate: the runtime does no BLAS work, but
+    OpenBLAS (under numpy) starts a thread per core at import that spins for a while waiting
+    for some, taking a core from onnxruntime while the model loads (session creation ~5 %
+    slower on 2 cores). Set before numpy loads, and never over the user's own choice."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 class _Bar:
@@ -180,6 +190,7 @@ def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
 def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int, stride: int | None,
           threads: int | None, provider: str, as_json: bool) -> None:
     """Perplexity of MODEL_DIR over a text (and KL / agreement against a reference)."""
+    _runtime_process()
     import json
 
     from edgellama.runtime.evaluate import evaluate
@@ -213,6 +224,7 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
 def bench(model_dir: Path, prompt_tokens: int, new_tokens: int, runs: int, provider: str,
           threads: int | None, no_cold: bool, as_json: bool) -> None:
     """Prefill / decode tok/s, time to first token, peak RSS and size of MODEL_DIR."""
+    _runtime_process()
     from edgellama.runtime.bench import bench as run_bench
     from edgellama.runtime.bench import format_result
 
@@ -274,6 +286,7 @@ def _config(kw: dict, show_probs: int = 0):
 def run(model_dir: Path, prompt: str, as_chat: bool, system: str | None, show_probs: int,
         probs_each_step: bool, provider: str, threads: int | None, **kw) -> None:
     """Generate from MODEL_DIR; only the generated text goes to stdout."""
+    _runtime_process()
     from edgellama.runtime.model import Model
     from edgellama.runtime.report import format_probs
 
@@ -301,6 +314,7 @@ def run(model_dir: Path, prompt: str, as_chat: bool, system: str | None, show_pr
 @_friendly
 def chat(model_dir: Path, system: str | None, provider: str, threads: int | None, **kw) -> None:
     """Interactive multi-turn chat (reads stdin; /reset, /exit). The KV cache is reused across turns."""
+    _runtime_process()
     from edgellama.runtime.model import Model
 
     model = Model.load(model_dir, provider=provider, threads=threads)
@@ -341,6 +355,7 @@ def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | N
     """Serve MODEL_DIR over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Needs the serve extra: pip install 'edgellama[serve]'."""
+    _runtime_process()
     from edgellama.serve import require_extra
 
     require_extra()

@@ -34,6 +34,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -155,6 +156,17 @@ def is_bundle(path: Path) -> bool:
 def unpacked(bundle: Path) -> Iterator[Path]:
     """Yield a private folder holding the bundle's files, each checked against SHA256SUMS
     as it is copied; nothing is yielded unless every file matches."""
+    with unpacking(bundle) as (folder, _):
+        yield folder
+
+
+@contextmanager
+def unpacking(bundle: Path, defer: frozenset[str] = frozenset()) -> Iterator[tuple[Path, "Deferred"]]:
+    """Like `unpacked`, but the files named in `defer` (raw weight data, the bulk of a
+    bundle) are only copied: the yielded `Deferred` checks them when called, so that the
+    caller can hash them beside other work (hashlib releases the GIL). Every other file is
+    checked before anything is yielded; the caller must call the check, and succeed, before
+    it uses anything built from a deferred file."""
     bundle = Path(bundle)
     try:
         zf = zipfile.ZipFile(bundle)
@@ -166,12 +178,40 @@ def unpacked(bundle: Path) -> Iterator[Path]:
         entries = _check_entries(bundle, zf, sums)
         tmp = Path(tempfile.mkdtemp(prefix="edgellama-bundle-"))
         try:
+            later = []
             with open(bundle, "rb") as raw:
                 for info in entries:
-                    _extract_verified(bundle, raw, info, tmp, sums[info.filename])
-            yield tmp
+                    _extract(bundle, raw, info, tmp)
+                    if info.filename in defer:
+                        later.append(info.filename)
+                    else:
+                        _verify(bundle, tmp / info.filename, sums[info.filename])
+            yield tmp, Deferred(bundle, [(tmp / name, sums[name]) for name in later])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Deferred:
+    """The checksums of unpacked files not yet checked. Calling it checks them (once; later
+    calls repeat the outcome), raising BadModelFileError on a mismatch. Thread-safe."""
+
+    def __init__(self, bundle: Path, files: list[tuple[Path, str]]):
+        self.bundle, self.files = bundle, files
+        self._lock = threading.Lock()
+        self._error: BadModelFileError | None = None
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                try:
+                    for path, digest in self.files:
+                        _verify(self.bundle, path, digest)
+                except BadModelFileError as exc:
+                    self._error = exc
+                self._done = True
+            if self._error is not None:
+                raise self._error
 
 
 def safe_member_name(name: str) -> bool:
@@ -236,20 +276,23 @@ def _check_entries(bundle: Path, zf: zipfile.ZipFile, sums: dict[str, str]) -> l
     return entries
 
 
-def _extract_verified(bundle: Path, raw, info: zipfile.ZipInfo, folder: Path, digest: str) -> None:
-    """Copy one stored entry out (in the kernel where it can), then hash the copy: what is
-    checked is exactly what will be loaded. zipfile's CRC pass is skipped: SHA-256 decides."""
+def _extract(bundle: Path, raw, info: zipfile.ZipInfo, folder: Path) -> None:
+    """Copy one stored entry out (in the kernel where it can). zipfile's CRC pass is
+    skipped: SHA-256 decides, computed on the copy (`_verify`), which is exactly what
+    will be loaded."""
     start = _data_start(bundle, raw, info)
     target = folder / info.filename  # a plain name (checked): stays inside `folder`
     try:
         with open(target, "xb") as dst:
             _copy_range(raw, dst, start, info.file_size)
-        actual = _sha256_file(target)
     except OSError as exc:
         raise BadArgumentError(f"{folder}: cannot unpack {bundle} here ({exc.strerror}); set TMPDIR to a "
                                "folder with room for the model") from None
-    if actual != digest:
-        raise BadModelFileError(f"{bundle}: {info.filename} is corrupted or was modified (its SHA-256 does not "
+
+
+def _verify(bundle: Path, copy: Path, digest: str) -> None:
+    if _sha256_file(copy) != digest:
+        raise BadModelFileError(f"{bundle}: {copy.name} is corrupted or was modified (its SHA-256 does not "
                                 f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
 
 

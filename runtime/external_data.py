@@ -68,23 +68,23 @@ def check_external_data(graph: Path) -> None:
     """Refuse a graph whose weights point outside its own folder (an absolute path, "..", a
     symlink that leads out) or past the end of their file."""
     folder = Path(graph).parent.resolve()
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = {}  # location -> its file's size; each location is checked once
     for info in external_data(graph):
         location = info.get("location", "")
-        path = Path(location)
-        if path.is_absolute() or folder not in (folder / path).resolve().parents:
-            raise BadModelFileError(
-                f"{graph}: its weights point outside the model folder ({location!r}); refusing to read them — "
-                "re-export the model or use a folder from a source you trust"
-            )
         if location not in sizes:
-            sizes[location] = (folder / path).stat().st_size if (folder / path).is_file() else -1
-        if sizes[location] < 0:
-            raise BadModelFileError(f"{folder / path}: the weights file is missing; re-export the model")
+            path = Path(location)
+            if path.is_absolute() or folder not in (folder / path).resolve().parents:
+                raise BadModelFileError(
+                    f"{graph}: its weights point outside the model folder ({location!r}); refusing to read them — "
+                    "re-export the model or use a folder from a source you trust"
+                )
+            if not (folder / path).is_file():
+                raise BadModelFileError(f"{folder / path}: the weights file is missing; re-export the model")
+            sizes[location] = (folder / path).stat().st_size
         end = _int(info.get("offset", "0")) + _int(info.get("length", "0"))
         if end > sizes[location]:
             raise BadModelFileError(
-                f"{folder / path}: truncated (a tensor needs bytes up to {end}, the file has {sizes[location]}); "
+                f"{folder / location}: truncated (a tensor needs bytes up to {end}, the file has {sizes[location]}); "
                 "re-export or re-download the model"
             )
 
@@ -117,20 +117,28 @@ def _entry(buf: memoryview, pos: int, end: int) -> tuple[str, str]:
 def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, stop) of each length-delimited field; (field, -1, -1) for others."""
     while pos < end:
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]  # one-byte keys and lengths (fields < 16, short values) are the common case
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
-        if wire == 0:
+        if wire == 2:
+            if pos < end and buf[pos] < 0x80:
+                n = buf[pos]
+                pos += 1
+            else:
+                n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed
+            yield field, pos, pos + n
+            pos += n
+        elif wire == 0:
             _, pos = _varint(buf, pos, end)
             yield field, -1, -1
         elif wire == 1 or wire == 5:
             pos += 8 if wire == 1 else 4
             yield field, -1, -1
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            if pos + n > end:
-                raise _Malformed
-            yield field, pos, pos + n
-            pos += n
         else:
             raise _Malformed
     if pos != end:

@@ -13,21 +13,27 @@ generation (and each ChatSession) owns its own KV cache and IO binding.
 
 from __future__ import annotations
 
+import linecache
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
-
-from tokenizers import Tokenizer
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import artifact
 from . import contract as io
-from .chat_template import ChatTemplate
 from .contract import Manifest, read_json_object
 from .errors import BadArgumentError, BadModelFileError
 from .external_data import check_external_data
 from .generate import Decoder, Generation, GenerationConfig
 from .sampling import SamplingParams
 from .session import GraphIO, make_session
+
+if TYPE_CHECKING:  # imported where used: tokenizers and jinja2 load beside the session build
+    from tokenizers import Tokenizer
+
+    from .chat_template import ChatTemplate
 
 
 class Model:
@@ -43,24 +49,42 @@ class Model:
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
         folder = Path(folder)
-        if artifact.is_bundle(folder):  # every file checked against SHA256SUMS before use
-            with artifact.unpacked(folder) as files:
-                model = cls.load(files, provider, threads)
+        if artifact.is_bundle(folder):
+            # Every file is checked against SHA256SUMS before use; the weight data (the bulk)
+            # is hashed beside the session build, and a mismatch discards the session unrun.
+            with artifact.unpacking(folder, defer=frozenset({io.GRAPH_DATA_NAME})) as (files, check):
+                model = cls._load_folder(files, provider, threads, check)
             model.folder = folder  # the unpacked copy is gone; the session holds what it needs
             return model
+        return cls._load_folder(folder, provider, threads)
+
+    @classmethod
+    def _load_folder(cls, folder: Path, provider: str, threads: int | None,
+                     check: Callable[[], None] | None = None) -> "Model":
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
         manifest = _load_manifest(folder)
         plan = artifact.load_plan(folder, manifest, provider)
-        if Path(plan.graph).suffix == ".onnx":
-            check_external_data(Path(plan.graph))  # before onnxruntime opens any file it names
-        # The tokenizer and template load beside the session build (onnxruntime releases the
-        # GIL meanwhile). The session itself is built on this thread: built in a worker, its
-        # weights land in that thread's malloc arena, and decode measured ~5 % slower (SmolLM2
-        # int4, 3 of 4 A/B pairs).
+        # The tokenizer and template load beside the session build. The session is built on
+        # this thread: built in a worker, its weights land in that thread's malloc arena, and
+        # decode measured ~5 % slower (SmolLM2 int4, 3 of 4 A/B pairs). onnxruntime releases
+        # the GIL while it builds, but tokenizers holds it while parsing tokenizer.json, so the
+        # worker waits until this thread is inside onnxruntime before it starts: otherwise the
+        # two run one after the other (measured: +90 ms on SmolLM2).
+        building = threading.Event()
+        building.set()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            loading = pool.submit(_load_text_side, folder, manifest)
-            session = make_session(plan.graph, provider, threads, plan.optimize, plan.config)
+            loading = pool.submit(_load_text_side, folder, manifest, (threading.get_ident(), building), check)
+            try:
+                if Path(plan.graph).suffix == ".onnx":
+                    check_external_data(Path(plan.graph))  # before onnxruntime opens any file it names
+                session = make_session(plan.graph, provider, threads, plan.optimize, plan.config)
+            except BadModelFileError:
+                if check is not None:
+                    check()  # a damaged bundle says so, rather than how the damage made loading fail
+                raise
+            finally:
+                building.clear()  # done (or failed): the worker need not wait any longer
             tokenizer, template = loading.result()
         return cls(folder, manifest, session, tokenizer, template, provider)
 
@@ -205,12 +229,47 @@ def _manifest_from_genai(folder: Path) -> Manifest:
         raise BadModelFileError(f"{folder / 'genai_config.json'}: cannot describe this model ({exc!r})") from None
 
 
-def _load_text_side(folder: Path, manifest: Manifest) -> tuple[Tokenizer, ChatTemplate | None]:
+def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, threading.Event] | None = None,
+                    check: Callable[[], None] | None = None) -> tuple[Tokenizer, ChatTemplate | None]:
+    if check is not None:  # hashing releases the GIL: it runs beside the session build
+        check()
+    if builder is not None:
+        _wait_for_session_build(*builder)
     tokenizer = _load_tokenizer(folder)
     return tokenizer, _load_chat_template(folder, tokenizer, manifest)
 
 
+def _wait_for_session_build(thread: int, building: threading.Event, poll_s: float = 0.001,
+                            settle_s: float = 0.05, give_up_s: float = 2.0) -> None:
+    """Return once `thread` is inside onnxruntime's session initialization with the GIL
+    released, so that what this thread does next runs beside it rather than before it.
+
+    A thread that wants the GIL runs while this one sleeps, so a frame that has not moved
+    across a poll is blocked in C without the GIL. onnxruntime does that twice: reading the
+    graph (up to ~25 ms) and initializing the session (prepacking the weights, the long
+    part); the second is recognized by its source line. Failing that (another onnxruntime
+    version), a frame that has not moved for settle_s will do; never longer than give_up_s."""
+    deadline = time.monotonic() + give_up_s
+    seen, since = None, time.monotonic()
+    while building.is_set() and time.monotonic() < deadline:
+        frame = sys._current_frames().get(thread)
+        if frame is None:
+            return
+        where = (id(frame), frame.f_lasti)
+        initializing = (frame.f_code.co_name == "_create_inference_session"
+                        and "initialize_session" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+        del frame
+        now = time.monotonic()
+        if where != seen:
+            seen, since = where, now
+        elif initializing or now - since >= settle_s:
+            return
+        time.sleep(poll_s)
+
+
 def _load_tokenizer(folder: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise BadModelFileError(f"{path}: tokenizer.json is missing; re-export the model")
@@ -228,6 +287,8 @@ def _load_chat_template(folder: Path, tokenizer: Tokenizer, manifest: Manifest) 
     source = source or cfg.get("chat_template")
     if not source:
         return None
+    from .chat_template import ChatTemplate
+
     token = lambda tid: tokenizer.id_to_token(tid) if tid is not None else None  # noqa: E731
     eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
     return ChatTemplate(source, bos_token=_text(cfg.get("bos_token")) or token(manifest.bos_token_id),

@@ -259,6 +259,17 @@ def test_flipped_byte_in_weights_is_caught(bundle):
     assert r.exit_code == 1 and "model.onnx.data is corrupted" in r.stderr and "Traceback" not in r.output
 
 
+def test_weights_that_break_the_session_build_are_named_as_corrupted(bundle, tmp_path):
+    """The weight data is hashed beside the session build; when the damage makes the build
+    itself fail (here: data cut short), the error is still the checksum's."""
+    out = tmp_path / "short.edgellama"
+    with zipfile.ZipFile(bundle) as zf:
+        data = zf.read("model.onnx.data")
+    _rewrite(bundle, out, {"model.onnx.data": data[: len(data) // 2]})
+    with pytest.raises(BadModelFileError, match="model.onnx.data is corrupted or was modified"):
+        Model.load(out)
+
+
 def _rewrite(bundle: Path, out: Path, change: dict[str, bytes | None], extra: dict[str, bytes] = {},
              compress: bool = False) -> None:
     """A copy of `bundle` with entries replaced (CRC valid) or dropped, and others added."""

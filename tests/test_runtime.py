@@ -153,3 +153,60 @@ def test_chat_cli_with_piped_stdin(smollm2_onnx):
     model = Model.load(smollm2_onnx, threads=2)
     first = model.chat(max_new_tokens=16).send("What is 2+2?")
     assert out.stdout.startswith(first)
+
+
+# ---- loading: the tokenizer waits for the session build to release the GIL ------------------
+
+def _waiter(target: threading.Thread, building: threading.Event, **kw) -> float:
+    import time
+
+    from edgellama.runtime.model import _wait_for_session_build
+
+    t = time.monotonic()
+    _wait_for_session_build(target.ident, building, **kw)
+    return time.monotonic() - t
+
+
+def _create_inference_session(go: threading.Event, seconds: float) -> None:
+    """Stands in for onnxruntime's method of that name, blocked without the GIL."""
+    import time
+
+    go.wait()
+    time.sleep(seconds)  # sess.initialize_session(...)
+
+
+def _blocked(go: threading.Event, seconds: float) -> None:
+    import time
+
+    go.wait()
+    time.sleep(seconds)  # some other GIL-free call
+
+
+@pytest.mark.parametrize("where, settle, low, high", [
+    (_create_inference_session, 2.0, 0.0, 0.5),  # recognized at once, long before settle_s
+    (_blocked, 0.1, 0.09, 0.9),  # anything else: once unmoved for settle_s
+])
+def test_wait_returns_once_the_builder_blocks_without_the_gil(where, settle, low, high):
+    building, go = threading.Event(), threading.Event()
+    building.set()
+    target = threading.Thread(target=where, args=(go, 1.0))
+    target.start()
+    try:
+        go.set()
+        assert low <= _waiter(target, building, settle_s=settle, give_up_s=5.0) < high
+    finally:
+        target.join()
+
+
+def test_wait_gives_up_and_stops_when_the_build_is_over():
+    building, go = threading.Event(), threading.Event()
+    building.set()
+    target = threading.Thread(target=_blocked, args=(go, 1.0))
+    target.start()
+    try:
+        go.set()
+        assert 0.25 <= _waiter(target, building, settle_s=10.0, give_up_s=0.3) < 0.9
+        building.clear()
+        assert _waiter(target, building, settle_s=10.0, give_up_s=5.0) < 0.05
+    finally:
+        target.join()
