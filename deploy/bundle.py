@@ -4,7 +4,8 @@ The bundle is a zip whose entries are all *stored* (not compressed: weights bare
 compress, and stored data is copied at disk speed and can be memory-mapped), each
 entry's data starting on a 4 KiB boundary (a zip "extra" field pads the local header,
 as Android's zipalign does), plus ``SHA256SUMS`` in sha256sum's format. The runtime
-(runtime/artifact.py) checks names and checksums of every file before it loads one.
+(runtime/artifact.py) checks names and checksums of every file before anything built from
+it runs; the weight data is read and hashed in place, without a copy.
 
 The checksums catch corruption and a file changed alone; whoever can rewrite the whole
 bundle can rewrite SHA256SUMS too: compare the bundle's digest (printed by pack, the

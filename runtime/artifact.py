@@ -6,10 +6,12 @@ Two kinds, both written by `edgellama.deploy` (which may import onnx; this modul
   graph file to load, for which target and with which onnxruntime it was optimized.
   `load_plan` refuses an artifact this process cannot run correctly, and tells the
   session not to optimize again what was baked in.
-* A bundle (`edgellama pack`): one zip (every entry stored, uncompressed) holding a model
-  folder and ``SHA256SUMS``. `unpacked` checks every entry's name, copies it into a
-  private temporary folder and checks the copy's SHA-256; the folder is removed when the
-  `with` ends.
+* A bundle (`edgellama pack`): one zip (every entry stored, uncompressed, data 4 KiB
+  aligned) holding a model folder and ``SHA256SUMS``. `unpacking` checks every entry's
+  name, copies the small files into a private temporary folder and checks each copy's
+  SHA-256; the weight data stays where it is, the graph pointed at it, and is hashed in
+  place by the `Unpacked.check` the loader runs beside the session build. `unpacked`
+  copies and checks everything. The folder is removed when the `with` ends.
 
 Compatibility rules (checked in this order, each refusal one line):
 
@@ -46,6 +48,7 @@ import onnxruntime as ort
 from . import contract as io
 from .contract import Manifest
 from .errors import BadArgumentError, BadModelFileError
+from .external_data import relocate
 
 TARGETS = ("cpu", "cuda")
 FORMATS = {"onnx": io.GRAPH_NAME, "ort": "model.ort"}
@@ -156,17 +159,29 @@ def is_bundle(path: Path) -> bool:
 def unpacked(bundle: Path) -> Iterator[Path]:
     """Yield a private folder holding the bundle's files, each checked against SHA256SUMS
     as it is copied; nothing is yielded unless every file matches."""
-    with unpacking(bundle) as (folder, _):
-        yield folder
+    with unpacking(bundle, in_place=False) as opened:
+        opened.check()
+        yield opened.folder
+
+
+@dataclass
+class Unpacked:
+    """A bundle opened for loading. `folder`: a private folder with its files, each checked
+    against SHA256SUMS — except the weight data, which `check` verifies when called (the
+    caller hashes it beside the session build; hashlib releases the GIL). When `graph` is
+    set, the weight data was not copied out: `graph` is the (checked) graph with its
+    external data pointed at the data's place inside the bundle, to open from bytes with
+    external data folder `data_folder`. Nothing built from the weights may be used before
+    `check` has returned."""
+
+    folder: Path
+    check: "Deferred"
+    graph: bytes | None = None
+    data_folder: Path | None = None
 
 
 @contextmanager
-def unpacking(bundle: Path, defer: frozenset[str] = frozenset()) -> Iterator[tuple[Path, "Deferred"]]:
-    """Like `unpacked`, but the files named in `defer` (raw weight data, the bulk of a
-    bundle) are only copied: the yielded `Deferred` checks them when called, so that the
-    caller can hash them beside other work (hashlib releases the GIL). Every other file is
-    checked before anything is yielded; the caller must call the check, and succeed, before
-    it uses anything built from a deferred file."""
+def unpacking(bundle: Path, in_place: bool = True) -> Iterator[Unpacked]:
     bundle = Path(bundle)
     try:
         zf = zipfile.ZipFile(bundle)
@@ -175,27 +190,77 @@ def unpacking(bundle: Path, defer: frozenset[str] = frozenset()) -> Iterator[tup
                                 "pass a folder from 'edgellama export' or a file from 'edgellama pack'") from None
     with zf:
         sums = _read_sums(bundle, zf)
-        entries = _check_entries(bundle, zf, sums)
+        entries = {info.filename: info for info in _check_entries(bundle, zf, sums)}
         tmp = Path(tempfile.mkdtemp(prefix="edgellama-bundle-"))
         try:
-            later = []
             with open(bundle, "rb") as raw:
-                for info in entries:
-                    _extract(bundle, raw, info, tmp)
-                    if info.filename in defer:
-                        later.append(info.filename)
-                    else:
-                        _verify(bundle, tmp / info.filename, sums[info.filename])
-            yield tmp, Deferred(bundle, [(tmp / name, sums[name]) for name in later])
+                for name, info in entries.items():
+                    if name != io.GRAPH_DATA_NAME:
+                        _extract(bundle, raw, info, tmp)
+                        _verify(bundle, tmp / name, sums[name])
+                data = entries.get(io.GRAPH_DATA_NAME)
+                if data is None:
+                    yield Unpacked(tmp, Deferred(bundle, []))
+                    return
+                start = _data_start(bundle, raw, data)
+                graph = _point_into(bundle, tmp / io.GRAPH_NAME, start, data.file_size) if in_place else None
+                if graph is not None:
+                    real = bundle.resolve()
+                    check = Deferred(bundle, [(real, sums[io.GRAPH_DATA_NAME], start, data.file_size)])
+                    yield Unpacked(tmp, check, graph, real.parent)
+                    return
+                _extract(bundle, raw, data, tmp)
+            yield Unpacked(tmp, Deferred(bundle, [(tmp / io.GRAPH_DATA_NAME, sums[io.GRAPH_DATA_NAME], 0, None)]))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Deferred:
-    """The checksums of unpacked files not yet checked. Calling it checks them (once; later
-    calls repeat the outcome), raising BadModelFileError on a mismatch. Thread-safe."""
+def _point_into(bundle: Path, graph: Path, start: int, size: int) -> bytes | None:
+    """`graph`'s bytes with every external-data entry moved to where model.onnx.data lies
+    inside the bundle (offsets shifted by `start`, including onnxruntime's prepacked-weight
+    entries, "<kernel>+<hash>|<offset>;<length>;<flags>"), or None when an entry names
+    another file, does not fit the data, or is not understood: then the data is copied."""
+    if not graph.is_file():
+        return None
+    location = bundle.resolve().name
 
-    def __init__(self, bundle: Path, files: list[tuple[Path, str]]):
+    class Unmovable(Exception):
+        pass
+
+    def shift(span: str) -> str:
+        offset, length, *rest = span.split(";")
+        if not (offset.isdigit() and length.isdigit()) or int(offset) + int(length) > size:
+            raise Unmovable
+        return ";".join([str(int(offset) + start), length, *rest])
+
+    def move(entries: dict[str, str]) -> dict[str, str]:
+        if entries.get("location") != io.GRAPH_DATA_NAME or set(entries) - {"location", "offset", "length"} \
+                - {k for k in entries if k.startswith("prepacked_")}:
+            raise Unmovable
+        offset, length = entries.get("offset", "0"), entries.get("length")
+        if length is None:  # "to the end of the file": not expressible inside a bundle
+            raise Unmovable
+        moved = {**entries, "location": location, "offset": shift(f"{offset};{length}").split(";")[0]}
+        for key in entries:
+            if key.startswith("prepacked_"):
+                kernel, *spans = entries[key].split("|")
+                if not spans:
+                    raise Unmovable
+                moved[key] = "|".join([kernel, *map(shift, spans)])
+        return moved
+
+    try:
+        return relocate(graph.read_bytes(), move)
+    except (Unmovable, BadModelFileError):
+        return None
+
+
+class Deferred:
+    """Checksums still to check: (file, SHA-256, start, size or None for the whole file).
+    Calling it checks them (once; later calls repeat the outcome), raising
+    BadModelFileError on a mismatch. Thread-safe."""
+
+    def __init__(self, bundle: Path, files: list[tuple[Path, str, int, int | None]]):
         self.bundle, self.files = bundle, files
         self._lock = threading.Lock()
         self._error: BadModelFileError | None = None
@@ -205,8 +270,12 @@ class Deferred:
         with self._lock:
             if not self._done:
                 try:
-                    for path, digest in self.files:
-                        _verify(self.bundle, path, digest)
+                    for path, digest, start, size in self.files:
+                        if _sha256_file(path, start, size) != digest:
+                            raise BadModelFileError(
+                                f"{self.bundle}: {io.GRAPH_DATA_NAME} is corrupted or was modified (its SHA-256 "
+                                f"does not match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or "
+                                "re-pack it")
                 except BadModelFileError as exc:
                     self._error = exc
                 self._done = True
@@ -333,10 +402,19 @@ def _copy_range(src, dst, start: int, size: int) -> None:
         copied += len(chunk)
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, start: int = 0, size: int | None = None) -> str:
+    """SHA-256 of a file, or of `size` bytes of it from `start`."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
+        total = os.fstat(f.fileno()).st_size
+        size = total - start if size is None else size
+        if start + size > total:
+            raise BadModelFileError(f"{path}: shorter than its entries say; copy it again")
+        if size:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                h.update(m)  # hashlib hashes the mapping in place, without the GIL
+                view = memoryview(m)
+                try:
+                    h.update(view[start:start + size])  # hashed in place, without the GIL
+                finally:
+                    view.release()
     return h.hexdigest()

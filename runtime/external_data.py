@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import BadModelFileError
 
@@ -156,3 +156,92 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
         shift += 7
+
+
+# ---- relocating external data ---------------------------------------------------------------
+
+def relocate(graph: bytes, move: Callable[[dict[str, str]], dict[str, str]]) -> bytes:
+    """The serialized graph with every tensor's external_data entries replaced by
+    move(entries) (a dict of the same keys, new values), everything else byte for byte.
+    Used to point a graph inside a bundle at its weights where they lie in the bundle."""
+    buf = memoryview(graph)
+    try:
+        return _rewrite(buf, 0, len(buf), "model", 0, move)
+    except _Malformed:
+        raise BadModelFileError("the graph is not a valid ONNX file; re-export the model") from None
+
+
+def _rewrite(buf: memoryview, pos: int, end: int, kind: str, depth: int,
+             move: Callable[[dict[str, str]], dict[str, str]]) -> bytes:
+    if depth > _MAX_DEPTH:
+        raise _Malformed
+    children = _CHILDREN.get(kind, {})
+    if kind == "tensor":
+        spans = list(_spans(buf, pos, end))
+        entries = [_entry(buf, start, stop) for field, start, stop, _ in spans if field == 13 and start >= 0]
+        if not entries:
+            return bytes(buf[pos:end])
+        moved = move(dict(entries))
+        out, done = [], False
+        for field, start, stop, head in spans:
+            if field != 13:
+                out.append(bytes(buf[head:stop]))
+            elif not done:  # all entries, in their original order, where the first one was
+                out.extend(_len_field(13, _string_field(1, k) + _string_field(2, moved[k])) for k, _ in entries)
+                done = True
+        return b"".join(out)
+    out = []
+    for field, start, stop, head in _spans(buf, pos, end):
+        if field in children and start >= 0:
+            out.append(_len_field(field, _rewrite(buf, start, stop, children[field], depth + 1, move)))
+        else:
+            out.append(bytes(buf[head:stop]))
+    return b"".join(out)
+
+
+def _spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field, start, stop, head) per field: head is where its tag begins; for a
+    length-delimited field start/stop bound its payload, otherwise start is -1 and stop is
+    where the field ends."""
+    while pos < end:
+        head = pos
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed
+            yield field, pos, pos + n, head
+            pos += n
+        elif wire == 0:
+            _, pos = _varint(buf, pos, end)
+            yield field, -1, pos, head
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _Malformed
+            yield field, -1, pos, head
+        else:
+            raise _Malformed
+    if pos != end:
+        raise _Malformed
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _string_field(field: int, text: str) -> bytes:
+    return _len_field(field, text.encode("utf-8"))

@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import artifact
 from . import contract as io
@@ -51,20 +51,25 @@ class Model:
         folder = Path(folder)
         if artifact.is_bundle(folder):
             # Every file is checked against SHA256SUMS before use; the weight data (the bulk)
-            # is hashed beside the session build, and a mismatch discards the session unrun.
-            with artifact.unpacking(folder, defer=frozenset({io.GRAPH_DATA_NAME})) as (files, check):
-                model = cls._load_folder(files, provider, threads, check)
-            model.folder = folder  # the unpacked copy is gone; the session holds what it needs
+            # is hashed where it lies in the bundle, beside the session build, and a mismatch
+            # discards the session unrun.
+            with artifact.unpacking(folder) as opened:
+                model = cls._load_folder(opened.folder, provider, threads, opened)
+            model.folder = folder  # the unpacked files are gone; the session holds what it needs
             return model
         return cls._load_folder(folder, provider, threads)
 
     @classmethod
     def _load_folder(cls, folder: Path, provider: str, threads: int | None,
-                     check: Callable[[], None] | None = None) -> "Model":
+                     bundle: artifact.Unpacked | None = None) -> "Model":
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
         manifest = _load_manifest(folder)
         plan = artifact.load_plan(folder, manifest, provider)
+        check = bundle.check if bundle is not None else None
+        graph, data_folder = plan.graph, None
+        if bundle is not None and bundle.graph is not None and Path(plan.graph).name == io.GRAPH_NAME:
+            graph, data_folder = bundle.graph, bundle.data_folder  # entries checked by artifact.unpacking
         # The tokenizer and template load beside the session build. The session is built on
         # this thread: built in a worker, its weights land in that thread's malloc arena, and
         # decode measured ~5 % slower (SmolLM2 int4, 3 of 4 A/B pairs). onnxruntime releases
@@ -73,18 +78,21 @@ class Model:
         # two run one after the other (measured: +90 ms on SmolLM2).
         building = threading.Event()
         building.set()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            loading = pool.submit(_load_text_side, folder, manifest, (threading.get_ident(), building), check)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            checking = pool.submit(check) if check is not None else None  # hashing releases the GIL
+            loading = pool.submit(_load_text_side, folder, manifest, (threading.get_ident(), building))
             try:
-                if Path(plan.graph).suffix == ".onnx":
-                    check_external_data(Path(plan.graph))  # before onnxruntime opens any file it names
-                session = make_session(plan.graph, provider, threads, plan.optimize, plan.config)
+                if isinstance(graph, Path) and graph.suffix == ".onnx":
+                    check_external_data(graph)  # before onnxruntime opens any file it names
+                session = make_session(graph, provider, threads, plan.optimize, plan.config, data_folder)
             except BadModelFileError:
                 if check is not None:
                     check()  # a damaged bundle says so, rather than how the damage made loading fail
                 raise
             finally:
                 building.clear()  # done (or failed): the worker need not wait any longer
+            if checking is not None:
+                checking.result()  # raises on a mismatch: the session is dropped unused
             tokenizer, template = loading.result()
         return cls(folder, manifest, session, tokenizer, template, provider)
 
@@ -229,10 +237,8 @@ def _manifest_from_genai(folder: Path) -> Manifest:
         raise BadModelFileError(f"{folder / 'genai_config.json'}: cannot describe this model ({exc!r})") from None
 
 
-def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, threading.Event] | None = None,
-                    check: Callable[[], None] | None = None) -> tuple[Tokenizer, ChatTemplate | None]:
-    if check is not None:  # hashing releases the GIL: it runs beside the session build
-        check()
+def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, threading.Event] | None = None
+                    ) -> tuple[Tokenizer, ChatTemplate | None]:
     if builder is not None:
         _wait_for_session_build(*builder)
     tokenizer = _load_tokenizer(folder)

@@ -259,6 +259,50 @@ def test_flipped_byte_in_weights_is_caught(bundle):
     assert r.exit_code == 1 and "model.onnx.data is corrupted" in r.stderr and "Traceback" not in r.output
 
 
+def test_bundle_weights_are_read_in_place(tiny, tmp_path):
+    """An onnx-format bundle's weight data is not copied out: the graph is pointed at where
+    the data lies inside the bundle (prepacked-weight entries included) and gives the same
+    tokens; the data is still hashed, in place."""
+    folder = tmp_path / "int4-c"
+    compile_folder(tiny / "int4", folder)  # prepacked: entries carry 'prepacked_N' spans too
+    bundle = tmp_path / "m.edgellama"
+    pack(folder, bundle)
+    with artifact.unpacking(bundle) as opened:
+        assert opened.graph is not None and opened.data_folder == bundle.resolve().parent
+        assert not (opened.folder / "model.onnx.data").exists()
+        moved = onnx.load_from_string(opened.graph)
+        with zipfile.ZipFile(bundle) as zf:
+            start = _data_offset(bundle, zf.getinfo("model.onnx.data"))
+        entries = [{e.key: e.value for e in t.external_data} for t in moved.graph.initializer if t.external_data]
+        assert entries and all(e["location"] == bundle.name for e in entries)
+        assert all(int(e["offset"]) >= start for e in entries)
+        prepacked = [v for e in entries for k, v in e.items() if k.startswith("prepacked_")]
+        assert prepacked and all(int(v.split("|")[1].split(";")[0]) >= start for v in prepacked)
+        opened.check()
+    assert greedy(bundle, TINY_PROMPT, 16) == greedy(folder, TINY_PROMPT, 16)
+
+
+def test_bundle_graph_pointing_elsewhere_falls_back_to_copying(tiny, tmp_path):
+    """A graph whose entries cannot be moved into the bundle (another file, a span past the
+    data) is loaded the old way: the data copied out, then checked like any folder."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for f in (tiny / "fp32").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    graph = onnx.load(folder / "model.onnx", load_external_data=False)
+    tensor = next(t for t in graph.graph.initializer if t.external_data)
+    for e in tensor.external_data:
+        if e.key == "offset":
+            e.value = str(10**12)  # past the end of model.onnx.data
+    onnx.save(graph, folder / "model.onnx")
+    bundle = tmp_path / "b.edgellama"
+    pack(folder, bundle)
+    with artifact.unpacking(bundle) as opened:
+        assert opened.graph is None and (opened.folder / "model.onnx.data").is_file()
+    with pytest.raises(BadModelFileError, match="truncated"):
+        Model.load(bundle)  # the checksums match: the graph itself is wrong, and says so
+
+
 def test_weights_that_break_the_session_build_are_named_as_corrupted(bundle, tmp_path):
     """The weight data is hashed beside the session build; when the damage makes the build
     itself fail (here: data cut short), the error is still the checksum's."""
