@@ -66,6 +66,7 @@ ISA_FEATURES = (
 BUNDLE_SUMS = "SHA256SUMS"
 _SUMS_MAX_BYTES = 1 << 20
 _CHUNK = 1 << 22
+_HASH_STRETCH = 1 << 24  # bytes hashed between two MADV_DONTNEED calls
 
 
 # ---- compiled folders ---------------------------------------------------------------------
@@ -403,18 +404,29 @@ def _copy_range(src, dst, start: int, size: int) -> None:
 
 
 def _sha256_file(path: Path, start: int = 0, size: int | None = None) -> str:
-    """SHA-256 of a file, or of `size` bytes of it from `start`."""
+    """SHA-256 of a file, or of `size` bytes of it from `start`, hashed through a mapping
+    (hashlib releases the GIL and reads the pages in place: faster than read() into a
+    buffer). Each hashed stretch is unmapped from this process again (MADV_DONTNEED: the
+    pages stay in the page cache), so checking a bundle does not add its size to RSS."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         total = os.fstat(f.fileno()).st_size
         size = total - start if size is None else size
         if start + size > total:
             raise BadModelFileError(f"{path}: shorter than its entries say; copy it again")
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                view = memoryview(m)
-                try:
-                    h.update(view[start:start + size])  # hashed in place, without the GIL
-                finally:
-                    view.release()
+        if not size:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                at, end = start, start + size
+                while at < end:
+                    stop = min(end, (at // _HASH_STRETCH + 1) * _HASH_STRETCH)  # stretch boundaries: page-aligned
+                    h.update(view[at:stop])
+                    if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                        first = at - at % mmap.PAGESIZE
+                        m.madvise(mmap.MADV_DONTNEED, first, stop - first)
+                    at = stop
+            finally:
+                view.release()
     return h.hexdigest()
