@@ -28,16 +28,12 @@ Compatibility rules (checked in this order, each refusal one line):
 
 from __future__ import annotations
 
-import hashlib
-import mmap
+# zipfile, tempfile, hashlib & co. are imported where bundles are read: a folder's load
+# path does not pay for them (it runs before the session build, on the critical path).
+
 import os
 import platform
-import shutil
-import stat
-import struct
-import tempfile
 import threading
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +179,9 @@ class Unpacked:
 
 @contextmanager
 def unpacking(bundle: Path, in_place: bool = True) -> Iterator[Unpacked]:
+    import shutil
+    import tempfile
+    import zipfile
     bundle = Path(bundle)
     try:
         zf = zipfile.ZipFile(bundle)
@@ -303,6 +302,7 @@ def parse_sums(text: str) -> dict[str, str]:
 
 
 def _read_sums(bundle: Path, zf: zipfile.ZipFile) -> dict[str, str]:
+    import zipfile
     try:
         info = zf.getinfo(BUNDLE_SUMS)
     except KeyError:
@@ -320,6 +320,8 @@ def _read_sums(bundle: Path, zf: zipfile.ZipFile) -> dict[str, str]:
 
 def _check_entries(bundle: Path, zf: zipfile.ZipFile, sums: dict[str, str]) -> list[zipfile.ZipInfo]:
     """Every entry a stored, plain, listed file; every listed file present exactly once."""
+    import stat
+    import zipfile
     seen: set[str] = set()
     entries = []
     for info in zf.infolist():
@@ -369,6 +371,7 @@ def _verify(bundle: Path, copy: Path, digest: str) -> None:
 def _data_start(bundle: Path, raw, info: zipfile.ZipInfo) -> int:
     """Where a stored entry's bytes begin: after its local header, which must agree with
     the central directory."""
+    import struct
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
@@ -408,6 +411,8 @@ def _sha256_file(path: Path, start: int = 0, size: int | None = None) -> str:
     (hashlib releases the GIL and reads the pages in place: faster than read() into a
     buffer). Each hashed stretch is unmapped from this process again (MADV_DONTNEED: the
     pages stay in the page cache), so checking a bundle does not add its size to RSS."""
+    import hashlib
+    import mmap
     h = hashlib.sha256()
     with open(path, "rb") as f:
         total = os.fstat(f.fileno()).st_size

@@ -26,14 +26,13 @@ from . import contract as io
 from .contract import Manifest, read_json_object
 from .errors import BadArgumentError, BadModelFileError
 from .external_data import check_external_data
-from .generate import Decoder, Generation, GenerationConfig
-from .sampling import SamplingParams
 from .session import GraphIO, make_session
 
-if TYPE_CHECKING:  # imported where used: tokenizers and jinja2 load beside the session build
+if TYPE_CHECKING:  # imported where used: they load in the worker beside the session build
     from tokenizers import Tokenizer
 
     from .chat_template import ChatTemplate
+    from .generate import Decoder, Generation, GenerationConfig
 
 
 class Model:
@@ -128,6 +127,8 @@ class Model:
                  **options) -> Generation:
         """Stream `Step`s. `prompt` is text or token ids; options are GenerationConfig
         fields (max_new_tokens, stop, ...) or SamplingParams fields (temperature, ...)."""
+        from .generate import Generation
+
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return Generation(self, ids, config or make_config(**options))
 
@@ -142,6 +143,9 @@ class Model:
 
 
 def make_config(**options) -> GenerationConfig:
+    from .generate import GenerationConfig
+    from .sampling import SamplingParams
+
     sampling_fields = set(SamplingParams.__dataclass_fields__)
     unknown = set(options) - sampling_fields - set(GenerationConfig.__dataclass_fields__)
     if unknown:
@@ -171,6 +175,8 @@ class ChatSession:
 
     def stream(self, user_text: str) -> Generation:
         """Generate the reply to `user_text`; the reply joins the history when consumed."""
+        from .generate import Decoder, Generation
+
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids = self.model.render_chat(messages)
         if self._decoder is None:
@@ -241,6 +247,8 @@ def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, thread
                     ) -> tuple[Tokenizer, ChatTemplate | None]:
     if builder is not None:
         _wait_for_session_build(*builder)
+    from . import generate  # noqa: F401  (imported here, beside the session build, for the first token)
+
     tokenizer = _load_tokenizer(folder)
     return tokenizer, _load_chat_template(folder, tokenizer, manifest)
 
