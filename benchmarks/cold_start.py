@@ -21,6 +21,10 @@ machine weighs on all alike, each waiting for a quiet machine first (cpuload.py)
 
 onnxruntime-genai runs its own exports (/work/peers/out/genai-*) in its own venv through
 benchmarks/peers/decode_peer.py --child-ttft (its load = og.Model + og.Tokenizer).
+
+--baseline CHECKOUT adds "uncompiled, baseline runtime": the same uncompiled folder loaded by
+the edgellama runtime of another checkout (e.g. `git worktree add /tmp/base <commit>`), to
+measure what a runtime change did to cold start in the same interleaved run.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edgellama.cli", *args], check=True)
 
 
-def prepare(work: Path) -> dict[str, list[tuple[str, list[str], Path]]]:
+def prepare(work: Path, baseline: Path | None = None) -> dict[str, list[tuple[str, list[str], Path]]]:
     """{precision: [(variant, command, path)]}, compiling what is missing."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {}
@@ -86,12 +90,26 @@ def prepare(work: Path) -> dict[str, list[tuple[str, list[str], Path]]]:
             cli("pack", str(work / f"{prec}-onnx"), str(bundle))
         py = [sys.executable, "-c", CHILD]
         plan[prec] = [("uncompiled", py, src)] + [(name, py, out) for name, (out, _) in compiled.items()]
+        if baseline is not None:
+            plan[prec].insert(1, ("uncompiled, baseline runtime", [*_shim_env(work, baseline), *py], src))
         plan[prec].append(("bundle of compiled (verified)", py, bundle))
         if GENAI_PYTHON.exists() and GENAI[prec].exists():
             plan[prec].append(("onnxruntime-genai", [str(GENAI_PYTHON), str(HERE / "peers" / "decode_peer.py"),
                                                      "--child-ttft", "--system", "genai", "--threads", "2",
                                                      "--model"], GENAI[prec]))
     return plan
+
+
+def _shim_env(work: Path, checkout: Path) -> list[str]:
+    """`env PYTHONPATH=<dir>` where <dir>/edgellama is `checkout`: that checkout's package
+    shadows the installed one in the child."""
+    shim = work / "baseline-shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "edgellama"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(checkout).resolve(), target_is_directory=True)
+    return ["env", f"PYTHONPATH={shim}"]
 
 
 def one(cmd: list[str], path: Path) -> dict:
@@ -121,8 +139,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgellama-cold"))
     ap.add_argument("--json", type=Path, default=None, help="Also write every run here.")
+    ap.add_argument("--baseline", type=Path, default=None, help="Another checkout's runtime, on the uncompiled folder.")
+    ap.add_argument("--only", choices=sorted(SOURCES), default=None, help="One precision only.")
     args = ap.parse_args()
-    plan = prepare(args.work)
+    plan = prepare(args.work, args.baseline)
+    if args.only:
+        plan = {args.only: plan[args.only]}
     results: dict[str, dict[str, list[dict]]] = {p: {name: [] for name, _, _ in v} for p, v in plan.items()}
     for prec, variants in plan.items():
         for name, cmd, path in variants:  # warm the page cache: every variant reads from memory
