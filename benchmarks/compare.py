@@ -278,7 +278,9 @@ def size_mb(work: Path, label: str) -> float:
 # ----------------------------------------------------------------------------- accuracy
 
 def with_el_tokenizer(work: Path, label: str) -> Path:
-    """Folder of symlinks: a peer's graph + config, edgellama's tokenizer (same token ids).
+    """A peer's graph + config with edgellama's tokenizer (same token ids): hard links (a
+    copy across file systems) for the graph and its weights, whose external-data paths the
+    runtime refuses to follow out of the folder through a symlink; symlinks for the rest.
 
     genai's tokenizer.json and optimum's (both converted from the GGUF by transformers)
     split whitespace differently from llama.cpp; edgellama's matches llama.cpp exactly."""
@@ -289,7 +291,13 @@ def with_el_tokenizer(work: Path, label: str) -> Path:
     for f in ("model.onnx", "model.onnx.data", "model.onnx_data", "genai_config.json", "config.json",
               "generation_config.json"):
         if (src / f).exists():
-            (d / f).symlink_to(src / f)
+            if f.startswith("model.onnx"):
+                try:
+                    os.link(src / f, d / f)
+                except OSError:
+                    shutil.copyfile(src / f, d / f)
+            else:
+                (d / f).symlink_to(src / f)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (d / f).symlink_to(tok / f)
     return d
