@@ -37,7 +37,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import onnxruntime as ort
 
@@ -45,6 +45,9 @@ from . import contract as io
 from .contract import Manifest
 from .errors import BadArgumentError, BadModelFileError
 from .external_data import relocate
+
+if TYPE_CHECKING:
+    import zipfile
 
 TARGETS = ("cpu", "cuda")
 FORMATS = {"onnx": io.GRAPH_NAME, "ort": "model.ort"}
@@ -179,9 +182,12 @@ class Unpacked:
 
 @contextmanager
 def unpacking(bundle: Path, in_place: bool = True) -> Iterator[Unpacked]:
+    """Open a bundle for loading (see `Unpacked`); with in_place=False the weight data is
+    copied out too (and still checked only when `check` is called)."""
     import shutil
     import tempfile
     import zipfile
+
     bundle = Path(bundle)
     try:
         zf = zipfile.ZipFile(bundle)
@@ -303,6 +309,7 @@ def parse_sums(text: str) -> dict[str, str]:
 
 def _read_sums(bundle: Path, zf: zipfile.ZipFile) -> dict[str, str]:
     import zipfile
+
     try:
         info = zf.getinfo(BUNDLE_SUMS)
     except KeyError:
@@ -322,6 +329,7 @@ def _check_entries(bundle: Path, zf: zipfile.ZipFile, sums: dict[str, str]) -> l
     """Every entry a stored, plain, listed file; every listed file present exactly once."""
     import stat
     import zipfile
+
     seen: set[str] = set()
     entries = []
     for info in zf.infolist():
@@ -372,6 +380,7 @@ def _data_start(bundle: Path, raw, info: zipfile.ZipInfo) -> int:
     """Where a stored entry's bytes begin: after its local header, which must agree with
     the central directory."""
     import struct
+
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
@@ -413,6 +422,7 @@ def _sha256_file(path: Path, start: int = 0, size: int | None = None) -> str:
     pages stay in the page cache), so checking a bundle does not add its size to RSS."""
     import hashlib
     import mmap
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         total = os.fstat(f.fileno()).st_size
