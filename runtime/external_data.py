@@ -164,14 +164,17 @@ def relocate(graph: bytes, move: Callable[[dict[str, str]], dict[str, str]]) -> 
     """The serialized graph with every tensor's external_data entries replaced by
     move(entries) (a dict of the same keys, new values), everything else byte for byte.
     Used to point a graph inside a bundle at its weights where they lie in the bundle."""
-    buf = memoryview(graph)
+    graph = bytes(graph)
     try:
-        return _rewrite(buf, 0, len(buf), "model", 0, move)
+        return _rewrite(graph, memoryview(graph), 0, len(graph), "model", 0, move)
     except _Malformed:
         raise BadModelFileError("the graph is not a valid ONNX file; re-export the model") from None
 
 
-def _rewrite(buf: memoryview, pos: int, end: int, kind: str, depth: int,
+_LOCATION = b"location"  # every external-data entry names its file under this key
+
+
+def _rewrite(raw: bytes, buf: memoryview, pos: int, end: int, kind: str, depth: int,
              move: Callable[[dict[str, str]], dict[str, str]]) -> bytes:
     if depth > _MAX_DEPTH:
         raise _Malformed
@@ -180,22 +183,24 @@ def _rewrite(buf: memoryview, pos: int, end: int, kind: str, depth: int,
         spans = list(_spans(buf, pos, end))
         entries = [_entry(buf, start, stop) for field, start, stop, _ in spans if field == 13 and start >= 0]
         if not entries:
-            return bytes(buf[pos:end])
+            return raw[pos:end]
         moved = move(dict(entries))
         out, done = [], False
         for field, start, stop, head in spans:
             if field != 13:
-                out.append(bytes(buf[head:stop]))
+                out.append(raw[head:stop])
             elif not done:  # all entries, in their original order, where the first one was
                 out.extend(_len_field(13, _string_field(1, k) + _string_field(2, moved[k])) for k, _ in entries)
                 done = True
         return b"".join(out)
     out = []
     for field, start, stop, head in _spans(buf, pos, end):
-        if field in children and start >= 0:
-            out.append(_len_field(field, _rewrite(buf, start, stop, children[field], depth + 1, move)))
+        # A child without the bytes "location" holds no external data: copied as it is
+        # (most nodes), which keeps this to the initializers on a large graph.
+        if field in children and start >= 0 and raw.find(_LOCATION, start, stop) >= 0:
+            out.append(_len_field(field, _rewrite(raw, buf, start, stop, children[field], depth + 1, move)))
         else:
-            out.append(bytes(buf[head:stop]))
+            out.append(raw[head:stop])
     return b"".join(out)
 
 
