@@ -263,10 +263,11 @@ def _wait_for_session_build(thread: int, building: threading.Event, poll_s: floa
     graph (up to ~25 ms) and initializing the session (prepacking the weights, the long
     part); the second is recognized by its source line. Failing that (another onnxruntime
     version), a frame that has not moved for settle_s will do; never longer than give_up_s."""
+    frames = getattr(sys, "_current_frames", None)  # CPython's; elsewhere: start at once
     deadline = time.monotonic() + give_up_s
     seen, since = None, time.monotonic()
-    while building.is_set() and time.monotonic() < deadline:
-        frame = sys._current_frames().get(thread)
+    while frames is not None and building.is_set() and time.monotonic() < deadline:
+        frame = frames().get(thread)
         if frame is None:
             return
         where = (id(frame), frame.f_lasti)
