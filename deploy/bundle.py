@@ -3,7 +3,9 @@
 The bundle is a zip whose entries are all *stored* (not compressed: weights barely
 compress, and stored data is copied at disk speed and can be memory-mapped), each
 entry's data starting on a 4 KiB boundary (a zip "extra" field pads the local header,
-as Android's zipalign does), plus ``SHA256SUMS`` in sha256sum's format. The runtime
+as Android's zipalign does), plus ``SHA256SUMS`` in sha256sum's format and, for files over
+64 MiB, ``SHA256CHUNKS`` (a SHA-256 per 64 MiB stretch, itself listed in SHA256SUMS) so
+that the weights can be checked on several cores at once. The runtime
 (runtime/artifact.py) checks names and checksums of every file before anything built from
 it runs; the weight data is read and hashed in place, without a copy.
 
@@ -15,6 +17,7 @@ SHA-256 of SHA256SUMS) with the publisher's to detect that.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import tempfile
@@ -30,10 +33,13 @@ _PAD_ID = 0xD935  # the extra-field id zipalign uses for padding
 _LOCAL_HEADER = 30
 _ZIP64_EXTRA = 20
 _DATE = (2020, 1, 1, 0, 0, 0)  # fixed: the same folder packs to the same bytes
+CHUNK_BYTES = 1 << 26  # 64 MiB stretches in SHA256CHUNKS
 
 
-def pack(folder: Path, bundle: Path, force: bool = False) -> str:
-    """Write `bundle` from model folder `folder`, atomically; returns its digest."""
+def pack(folder: Path, bundle: Path, force: bool = False, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Write `bundle` from model folder `folder`, atomically; returns its digest. Files
+    larger than `chunk_bytes` also get a SHA-256 per `chunk_bytes` stretch in
+    SHA256CHUNKS (listed in SHA256SUMS), so a loader can check them on several cores."""
     folder, bundle = Path(folder), Path(bundle).absolute()
     files = _members(folder)
     if bundle.exists() and (not force or not bundle.is_file()):
@@ -44,7 +50,17 @@ def pack(folder: Path, bundle: Path, force: bool = False) -> str:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            sums = "".join(f"{_add(zf, raw, f)}  {f.name}\n" for f in files)
+            lines, chunks = [], {}
+            for f in files:
+                digest, stretches = _add(zf, raw, f, chunk_bytes)
+                lines.append(f"{digest}  {f.name}\n")
+                if len(stretches) > 1:
+                    chunks[f.name] = stretches
+            if chunks:
+                record = json.dumps({"chunk_bytes": chunk_bytes, "files": chunks}, indent=1).encode("utf-8")
+                _add_bytes(zf, raw, artifact.BUNDLE_CHUNKS, record)
+                lines.append(f"{hashlib.sha256(record).hexdigest()}  {artifact.BUNDLE_CHUNKS}\n")
+            sums = "".join(lines)
             _add_bytes(zf, raw, artifact.BUNDLE_SUMS, sums.encode("utf-8"))
         os.chmod(tmp, 0o644)
         os.replace(tmp, bundle)
@@ -66,7 +82,7 @@ def _members(folder: Path) -> list[Path]:
             continue  # editor and OS litter, partial writes
         if p.is_symlink() or not p.is_file():
             raise BadArgumentError(f"{p}: not a regular file; a model folder holds only files")
-        if not artifact.safe_member_name(p.name) or p.name == artifact.BUNDLE_SUMS:
+        if not artifact.safe_member_name(p.name) or p.name in (artifact.BUNDLE_SUMS, artifact.BUNDLE_CHUNKS):
             raise BadArgumentError(f"{p}: this file name cannot go into a bundle; rename or remove it")
         files.append(p)
     return files
@@ -85,15 +101,23 @@ def _info(zf: zipfile.ZipFile, raw, name: str, size: int) -> tuple[zipfile.ZipIn
     return info, zip64
 
 
-def _add(zf: zipfile.ZipFile, raw, path: Path) -> str:
-    """Stream one file into the zip; returns its SHA-256."""
+def _add(zf: zipfile.ZipFile, raw, path: Path, chunk_bytes: int) -> tuple[str, list[str]]:
+    """Stream one file into the zip; returns its SHA-256 and those of its chunk_bytes
+    stretches."""
     info, zip64 = _info(zf, raw, path.name, path.stat().st_size)
-    h = hashlib.sha256()
+    whole, stretch, stretches, filled = hashlib.sha256(), hashlib.sha256(), [], 0
     with open(path, "rb") as src, zf.open(info, "w", force_zip64=zip64) as dst:
-        while chunk := src.read(1 << 22):
-            h.update(chunk)
-            dst.write(chunk)
-    return h.hexdigest()
+        while data := src.read(min(1 << 22, chunk_bytes - filled)):
+            whole.update(data)
+            stretch.update(data)
+            dst.write(data)
+            filled += len(data)
+            if filled == chunk_bytes:
+                stretches.append(stretch.hexdigest())
+                stretch, filled = hashlib.sha256(), 0
+    if filled or not stretches:
+        stretches.append(stretch.hexdigest())
+    return whole.hexdigest(), stretches
 
 
 def _add_bytes(zf: zipfile.ZipFile, raw, name: str, data: bytes) -> None:

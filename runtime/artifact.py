@@ -63,6 +63,9 @@ ISA_FEATURES = (
 )
 
 BUNDLE_SUMS = "SHA256SUMS"
+# Per-stretch SHA-256s of the large files ({"chunk_bytes": n, "files": {name: [hex, ...]}}),
+# itself listed in SHA256SUMS: the weights can then be checked on several cores at once.
+BUNDLE_CHUNKS = "SHA256CHUNKS"
 _SUMS_MAX_BYTES = 1 << 20
 _CHUNK = 1 << 22
 _HASH_STRETCH = 1 << 24  # bytes hashed between two MADV_DONTNEED calls
@@ -199,6 +202,7 @@ def unpacking(bundle: Path, in_place: bool = True) -> Iterator[Unpacked]:
         entries = {info.filename: info for info in _check_entries(bundle, zf, sums)}
         tmp = Path(tempfile.mkdtemp(prefix="edgellama-bundle-"))
         try:
+            chunks = _read_chunks(bundle, zf, entries.pop(BUNDLE_CHUNKS, None), sums)
             with open(bundle, "rb") as raw:
                 for name, info in entries.items():
                     if name != io.GRAPH_DATA_NAME:
@@ -208,15 +212,16 @@ def unpacking(bundle: Path, in_place: bool = True) -> Iterator[Unpacked]:
                 if data is None:
                     yield Unpacked(tmp, Deferred(bundle, []))
                     return
+                digest, size = sums[io.GRAPH_DATA_NAME], data.file_size
+                stretches = _stretches(bundle, chunks, io.GRAPH_DATA_NAME, size)
                 start = _data_start(bundle, raw, data)
-                graph = _point_into(bundle, tmp / io.GRAPH_NAME, start, data.file_size) if in_place else None
+                graph = _point_into(bundle, tmp / io.GRAPH_NAME, start, size) if in_place else None
                 if graph is not None:
                     real = bundle.resolve()
-                    check = Deferred(bundle, [(real, sums[io.GRAPH_DATA_NAME], start, data.file_size)])
-                    yield Unpacked(tmp, check, graph, real.parent)
+                    yield Unpacked(tmp, Deferred(bundle, [(real, digest, start, size, stretches)]), graph, real.parent)
                     return
                 _extract(bundle, raw, data, tmp)
-            yield Unpacked(tmp, Deferred(bundle, [(tmp / io.GRAPH_DATA_NAME, sums[io.GRAPH_DATA_NAME], 0, None)]))
+            yield Unpacked(tmp, Deferred(bundle, [(tmp / io.GRAPH_DATA_NAME, digest, 0, size, stretches)]))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -262,11 +267,12 @@ def _point_into(bundle: Path, graph: Path, start: int, size: int) -> bytes | Non
 
 
 class Deferred:
-    """Checksums still to check: (file, SHA-256, start, size or None for the whole file).
-    Calling it checks them (once; later calls repeat the outcome), raising
-    BadModelFileError on a mismatch. Thread-safe."""
+    """Checksums still to check: (file, SHA-256, start, size, stretches) where stretches is
+    None (one SHA-256 over the whole span) or [(offset, length, SHA-256), ...] covering
+    it, hashed on several threads. Calling it checks them (once; later calls repeat the
+    outcome), raising BadModelFileError on a mismatch. Thread-safe."""
 
-    def __init__(self, bundle: Path, files: list[tuple[Path, str, int, int | None]]):
+    def __init__(self, bundle: Path, files: list[tuple[Path, str, int, int, list | None]]):
         self.bundle, self.files = bundle, files
         self._lock = threading.Lock()
         self._error: BadModelFileError | None = None
@@ -276,8 +282,8 @@ class Deferred:
         with self._lock:
             if not self._done:
                 try:
-                    for path, digest, start, size in self.files:
-                        if _sha256_file(path, start, size) != digest:
+                    for path, digest, start, size, stretches in self.files:
+                        if not _matches(path, digest, start, size, stretches):
                             raise BadModelFileError(
                                 f"{self.bundle}: {io.GRAPH_DATA_NAME} is corrupted or was modified (its SHA-256 "
                                 f"does not match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or "
@@ -287,6 +293,51 @@ class Deferred:
                 self._done = True
             if self._error is not None:
                 raise self._error
+
+
+def _matches(path: Path, digest: str, start: int, size: int, stretches: list | None) -> bool:
+    if stretches is None:
+        return _sha256_file(path, start, size) == digest
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(4, os.cpu_count() or 1, len(stretches)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL
+        found = pool.map(lambda s: _sha256_file(path, start + s[0], s[1]) == s[2], stretches)
+        return all(list(found))
+
+
+def _read_chunks(bundle: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None, sums: dict[str, str]) -> dict | None:
+    """The checked SHA256CHUNKS record, or None when the bundle has none (older packs)."""
+    if info is None:
+        return None
+    import hashlib
+    import json
+
+    bad = f"{bundle}: {BUNDLE_CHUNKS} is malformed; re-pack the model"
+    if info.file_size > _SUMS_MAX_BYTES:
+        raise BadModelFileError(bad)
+    data = zf.read(info)
+    if hashlib.sha256(data).hexdigest() != sums[BUNDLE_CHUNKS]:
+        raise BadModelFileError(f"{bundle}: {BUNDLE_CHUNKS} is corrupted or was modified (its SHA-256 does not "
+                                f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
+    try:
+        record = json.loads(data.decode("utf-8"))
+        step, files = record["chunk_bytes"], record["files"]
+        if not isinstance(step, int) or step < 4096 or not isinstance(files, dict) or not all(
+                isinstance(v, list) and all(isinstance(h, str) and len(h) == 64 for h in v) for v in files.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise BadModelFileError(bad) from None
+    return record
+
+
+def _stretches(bundle: Path, chunks: dict | None, name: str, size: int) -> list[tuple[int, int, str]] | None:
+    if chunks is None or name not in chunks["files"]:
+        return None
+    step, digests = chunks["chunk_bytes"], chunks["files"][name]
+    if len(digests) != max(1, -(-size // step)):
+        raise BadModelFileError(f"{bundle}: {BUNDLE_CHUNKS} does not cover {name}; re-pack the model")
+    return [(i * step, min(step, size - i * step), h) for i, h in enumerate(digests)]
 
 
 def safe_member_name(name: str) -> bool:

@@ -303,6 +303,65 @@ def test_bundle_graph_pointing_elsewhere_falls_back_to_copying(tiny, tmp_path):
         Model.load(bundle)  # the checksums match: the graph itself is wrong, and says so
 
 
+@pytest.fixture
+def chunked(compiled, tmp_path) -> Path:
+    """A bundle whose weight data also has per-4 KiB SHA-256s (SHA256CHUNKS)."""
+    path = tmp_path / "chunked.edgellama"
+    pack(compiled, path, chunk_bytes=4096)
+    return path
+
+
+def test_chunked_checksums_cover_the_weights_and_load(compiled, chunked):
+    with zipfile.ZipFile(chunked) as zf:
+        sums = artifact.parse_sums(zf.read("SHA256SUMS").decode())
+        record = json.loads(zf.read("SHA256CHUNKS"))
+    data = (compiled / "model.onnx.data").read_bytes()
+    assert sums["SHA256CHUNKS"] == hashlib.sha256(json.dumps(record, indent=1).encode()).hexdigest()
+    assert record["chunk_bytes"] == 4096 and len(record["files"]["model.onnx.data"]) == -(-len(data) // 4096) > 2
+    assert record["files"]["model.onnx.data"] == [hashlib.sha256(data[i:i + 4096]).hexdigest()
+                                                  for i in range(0, len(data), 4096)]
+    with artifact.unpacking(chunked) as opened:
+        assert not (opened.folder / "SHA256CHUNKS").exists()  # read, checked, not unpacked
+        opened.check()
+    assert greedy(chunked, TINY_PROMPT, 16) == greedy(compiled, TINY_PROMPT, 16)
+
+
+def test_chunked_bundle_catches_a_flipped_byte(chunked):
+    with zipfile.ZipFile(chunked) as zf:
+        info = zf.getinfo("model.onnx.data")
+    data = bytearray(chunked.read_bytes())
+    data[_data_offset(chunked, info) + info.file_size - 5] ^= 0x01  # in the last, partial stretch
+    chunked.write_bytes(bytes(data))
+    with pytest.raises(BadModelFileError, match="model.onnx.data is corrupted or was modified"):
+        Model.load(chunked)
+
+
+def test_chunk_list_is_checked_like_any_file(chunked, tmp_path):
+    with zipfile.ZipFile(chunked) as zf:
+        record = json.loads(zf.read("SHA256CHUNKS"))
+        sums = zf.read("SHA256SUMS").decode()
+    record["files"]["model.onnx.data"][0] = "0" * 64
+    out = tmp_path / "tampered.edgellama"
+    _rewrite(chunked, out, {"SHA256CHUNKS": json.dumps(record).encode()})
+    with pytest.raises(BadModelFileError, match="SHA256CHUNKS is corrupted or was modified"):
+        Model.load(out)
+    # Re-packed by hand with matching SHA256SUMS but a list that misses a stretch: refused.
+    record["files"]["model.onnx.data"] = record["files"]["model.onnx.data"][1:]
+    short = json.dumps(record).encode()
+    lines = [ln for ln in sums.splitlines() if not ln.endswith("  SHA256CHUNKS")]
+    lines.append(f"{hashlib.sha256(short).hexdigest()}  SHA256CHUNKS")
+    _rewrite(chunked, out, {"SHA256CHUNKS": short, "SHA256SUMS": ("\n".join(lines) + "\n").encode()})
+    with pytest.raises(BadModelFileError, match="SHA256CHUNKS does not cover model.onnx.data"):
+        Model.load(out)
+
+
+def test_a_folder_file_named_like_the_chunk_list_is_refused(compiled, tmp_path):
+    (compiled / "SHA256CHUNKS").write_text("{}")
+    with pytest.raises(BadArgumentError, match="cannot go into a bundle"):
+        pack(compiled, tmp_path / "x.edgellama")
+    assert not list(tmp_path.glob("x.edgellama*"))
+
+
 def test_weights_that_break_the_session_build_are_named_as_corrupted(bundle, tmp_path):
     """The weight data is hashed beside the session build; when the damage makes the build
     itself fail (here: data cut short), the error is still the checksum's."""
