@@ -2,12 +2,16 @@
 
 onnxruntime optimizes every graph when it creates a session (fusions, constant folding)
 and then *prepacks* constant weights into its kernels' private layouts (MLAS GEMM panels,
-MatMulNBits blocks). For SmolLM2-135M prepacking is most of the load time. This command
-runs both once, offline, and saves the result:
+MatMulNBits blocks); for SmolLM2-135M prepacking is most of the session's creation. This
+command runs the optimizations once, offline, and can save the packed weights too. onnxruntime
+still packs every weight at load (it finds a saved blob by the hash of the packed buffer) and
+then maps the saved copy, so saved blobs move the packed weights from the heap to file-backed
+pages and speed up fp32 loads (~1.27× cold start on SmolLM2) but not int4 ones
+(benchmarks/results/COLD_START.md).
 
 * ``--format onnx``: the optimized graph as model.onnx + model.onnx.data (external
   initializers, so any size works), and on cpu (unless ``--no-prepack``) the prepacked
-  weights beside them, memory-mapped at load instead of recomputed.
+  weights beside them, memory-mapped at load (onnxruntime repacks to find them, see above).
 * ``--format ort``: the optimized graph in ORT format (one flatbuffer file, memory-mapped
   at load) for ONNX Runtime Mobile and minimal builds, plus the reduced operator
   configuration such a build needs (required_operators.config, and
