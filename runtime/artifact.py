@@ -238,27 +238,30 @@ def _point_into(bundle: Path, graph: Path, start: int, size: int) -> bytes | Non
     class Unmovable(Exception):
         pass
 
-    def shift(span: str) -> str:
-        offset, length, *rest = span.split(";")
+    def moved(offset: str, length: str) -> str:
+        """The offset inside the bundle of a span of the data member."""
         if not (offset.isdigit() and length.isdigit()) or int(offset) + int(length) > size:
             raise Unmovable
-        return ";".join([str(int(offset) + start), length, *rest])
+        return str(int(offset) + start)
+
+    def shift(span: str) -> str:  # "<offset>;<length>;<flags>"
+        offset, length, *rest = span.split(";")
+        return ";".join([moved(offset, length), length, *rest])
 
     def move(entries: dict[str, str]) -> dict[str, str]:
         if entries.get("location") != io.GRAPH_DATA_NAME or set(entries) - {"location", "offset", "length"} \
                 - {k for k in entries if k.startswith("prepacked_")}:
             raise Unmovable
-        offset, length = entries.get("offset", "0"), entries.get("length")
-        if length is None:  # "to the end of the file": not expressible inside a bundle
+        if "length" not in entries:  # "to the end of the file": not expressible inside a bundle
             raise Unmovable
-        moved = {**entries, "location": location, "offset": shift(f"{offset};{length}").split(";")[0]}
+        out = {**entries, "location": location, "offset": moved(entries.get("offset", "0"), entries["length"])}
         for key in entries:
             if key.startswith("prepacked_"):
                 kernel, *spans = entries[key].split("|")
                 if not spans:
                     raise Unmovable
-                moved[key] = "|".join([kernel, *map(shift, spans)])
-        return moved
+                out[key] = "|".join([kernel, *map(shift, spans)])
+        return out
 
     try:
         return relocate(graph.read_bytes(), move)
@@ -284,10 +287,7 @@ class Deferred:
                 try:
                     for path, digest, start, size, stretches in self.files:
                         if not _matches(path, digest, start, size, stretches):
-                            raise BadModelFileError(
-                                f"{self.bundle}: {io.GRAPH_DATA_NAME} is corrupted or was modified (its SHA-256 "
-                                f"does not match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or "
-                                "re-pack it")
+                            raise _corrupted(self.bundle, io.GRAPH_DATA_NAME)
                 except BadModelFileError as exc:
                     self._error = exc
                 self._done = True
@@ -318,8 +318,7 @@ def _read_chunks(bundle: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None
         raise BadModelFileError(bad)
     data = zf.read(info)
     if hashlib.sha256(data).hexdigest() != sums[BUNDLE_CHUNKS]:
-        raise BadModelFileError(f"{bundle}: {BUNDLE_CHUNKS} is corrupted or was modified (its SHA-256 does not "
-                                f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
+        raise _corrupted(bundle, BUNDLE_CHUNKS)
     try:
         record = json.loads(data.decode("utf-8"))
         step, files = record["chunk_bytes"], record["files"]
@@ -423,8 +422,12 @@ def _extract(bundle: Path, raw, info: zipfile.ZipInfo, folder: Path) -> None:
 
 def _verify(bundle: Path, copy: Path, digest: str) -> None:
     if _sha256_file(copy) != digest:
-        raise BadModelFileError(f"{bundle}: {copy.name} is corrupted or was modified (its SHA-256 does not "
-                                f"match {BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
+        raise _corrupted(bundle, copy.name)
+
+
+def _corrupted(bundle: Path, name: str) -> BadModelFileError:
+    return BadModelFileError(f"{bundle}: {name} is corrupted or was modified (its SHA-256 does not match "
+                             f"{BUNDLE_SUMS}); refusing to load it: copy the bundle again or re-pack it")
 
 
 def _data_start(bundle: Path, raw, info: zipfile.ZipInfo) -> int:

@@ -98,51 +98,21 @@ def _walk(buf: memoryview, pos: int, end: int, kind: str, depth: int, found: lis
         raise _Malformed
     children = _CHILDREN.get(kind, {})
     if kind == "tensor":
-        entries = [_entry(buf, start, stop) for field, start, stop in _fields(buf, pos, end) if field == 13]
+        entries = [_entry(buf, start, stop) if start >= 0 else ("", "")  # a non-message entry: unnamed
+                   for field, start, stop, _ in _spans(buf, pos, end) if field == 13]
         if entries:
             found.append(dict(entries))
         return
-    for field, start, stop in _fields(buf, pos, end):
+    for field, start, stop, _ in _spans(buf, pos, end):
         if field in children and start >= 0:
             _walk(buf, start, stop, children[field], depth + 1, found)
 
 
 def _entry(buf: memoryview, pos: int, end: int) -> tuple[str, str]:
     """A StringStringEntryProto: (key, value)."""
-    kv = {field: bytes(buf[start:stop]).decode("utf-8", "replace") for field, start, stop in _fields(buf, pos, end)
+    kv = {field: bytes(buf[start:stop]).decode("utf-8", "replace") for field, start, stop, _ in _spans(buf, pos, end)
           if start >= 0}
     return kv.get(1, ""), kv.get(2, "")
-
-
-def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, stop) of each length-delimited field; (field, -1, -1) for others."""
-    while pos < end:
-        key = buf[pos]  # one-byte keys and lengths (fields < 16, short values) are the common case
-        if key < 0x80:
-            pos += 1
-        else:
-            key, pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if wire == 2:
-            if pos < end and buf[pos] < 0x80:
-                n = buf[pos]
-                pos += 1
-            else:
-                n, pos = _varint(buf, pos, end)
-            if pos + n > end:
-                raise _Malformed
-            yield field, pos, pos + n
-            pos += n
-        elif wire == 0:
-            _, pos = _varint(buf, pos, end)
-            yield field, -1, -1
-        elif wire == 1 or wire == 5:
-            pos += 8 if wire == 1 else 4
-            yield field, -1, -1
-        else:
-            raise _Malformed
-    if pos != end:
-        raise _Malformed
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -210,10 +180,18 @@ def _spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int,
     where the field ends."""
     while pos < end:
         head = pos
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]  # one-byte keys and lengths (fields < 16, short values) are the common case
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
         if wire == 2:
-            n, pos = _varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                n = buf[pos]
+                pos += 1
+            else:
+                n, pos = _varint(buf, pos, end)
             if pos + n > end:
                 raise _Malformed
             yield field, pos, pos + n, head
