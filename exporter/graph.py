@@ -12,19 +12,17 @@ Two attention variants, chosen by `choose_attention` from ONNX Runtime's constra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgellama.buildkit.graph_writer import MS, OPSET, GraphWriter
 from edgellama.runtime import contract as io
 
 from .config import ModelConfig
 
-MS = "com.microsoft"
-OPSET = 17
-_ALIGN = 64 * 1024  # page-aligned external data lets ONNX Runtime memory-map weights
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
@@ -48,54 +46,6 @@ def choose_attention(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.head_dim % 16 or cfg.head_dim > 256:
         return "standard", f"head_dim {cfg.head_dim} is not a multiple of 16 in [16, 256]"
     return "gqa", "GroupQueryAttention supports this shape"
-
-
-class GraphWriter:
-    """Collects nodes; appends each weight to the external data file as it arrives."""
-
-    def __init__(self, data: BinaryIO, data_name: str, prefix: str = ""):
-        self.data, self.data_name, self.prefix = data, data_name, prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self._count = 0
-
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{hint}_{self._count}"
-
-    def weight(self, name: str, arr: np.ndarray) -> str:
-        """Stream one weight to external data; only its location stays in memory."""
-        return self.weight_chunks(name, [arr])
-
-    def weight_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> str:
-        """One weight written as consecutive row blocks (a big table never whole in memory)."""
-        offset = -(-self.data.tell() // _ALIGN) * _ALIGN
-        self.data.seek(offset)
-        rows, tail, dtype = 0, (), None
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk)
-            self.data.write(memoryview(chunk).cast("B"))
-            rows, tail, dtype = rows + (chunk.shape[0] if chunk.ndim else 1), chunk.shape[1:], chunk.dtype
-        shape = (rows, *tail) if tail or rows > 1 else (rows,)
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=shape)
-        t.data_location = TensorProto.EXTERNAL
-        length = self.data.tell() - offset
-        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
-            t.external_data.add(key=k, value=v)
-        self.initializers.append(t)
-        return name
-
-    def const(self, value, hint: str = "const") -> str:
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "",
-           outputs: Sequence[str] | None = None, **attrs) -> str | list[str]:
-        name = self.fresh(op_type)
-        outs = list(outputs) if outputs is not None else [f"{name}/out{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None, **attrs))
-        return outs[0] if len(outs) == 1 else outs
 
 
 # ---- small blocks -------------------------------------------------------------------------
@@ -239,7 +189,7 @@ class Weights(Protocol):
 
 
 class FloatProjections:
-    """How weights become graph pieces in a float export; quantize.streaming has the
+    """How weights become graph pieces in a float export; quantized.py has the
     block-quantized twin with the same three methods."""
 
     def __init__(self, dtype: np.dtype):
@@ -304,15 +254,30 @@ def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: We
 
 
 def keep_last(g: GraphWriter, h: str) -> str:
-    """(B, S, H) -> (B, K, H): the last K = logits_to_keep positions; 0 (the default) keeps all.
+    """(B, S, H) -> (B, K, H): the last K = logits_to_keep positions; omitted (or 0) keeps all.
 
     A prefill only needs the last position's logits: skipping the others saves the
-    (S, H) x (H, V) product and an (S, V) output."""
-    k = io.LOGITS_TO_KEEP
-    g.initializers.append(numpy_helper.from_array(np.array(0, np.int64), k))  # overridable default
+    (S, H) x (H, V) product and an (S, V) output. The input is of ONNX's optional type, so
+    a session that does not know it (onnxruntime-genai, a plain InferenceSession) need not
+    feed it, and no initializer doubles as an input (which ORT warns about on every load)."""
+    k = g.fresh("logits_to_keep")
+    value = "logits_to_keep_value"
+    scalar = helper.make_tensor_value_info(value, TensorProto.INT64, [])
+    given = helper.make_graph([helper.make_node("OptionalGetElement", [io.LOGITS_TO_KEEP], [value])],
+                              "logits_to_keep_given", [], [scalar])
+    zero = numpy_helper.from_array(np.array(0, np.int64))
+    default = helper.make_graph([helper.make_node("Constant", [], [value], value=zero)],
+                                "logits_to_keep_default", [], [scalar])
+    has = g.op("OptionalHasElement", [io.LOGITS_TO_KEEP])
+    g.nodes.append(helper.make_node("If", [has], [k], name=k, then_branch=given, else_branch=default))
     starts = g.op("Unsqueeze", [g.op("Neg", [k]), g.const(np.array([0], np.int64))])
     big = g.const(np.array([np.iinfo(np.int64).max], np.int64))
     return g.op("Slice", [h, starts, big, g.const(np.array([1], np.int64))])
+
+
+def logits_to_keep_input() -> onnx.ValueInfoProto:
+    scalar = helper.make_tensor_type_proto(TensorProto.INT64, [])
+    return helper.make_value_info(io.LOGITS_TO_KEEP, helper.make_optional_type_proto(scalar))
 
 
 def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int) -> str:
@@ -329,7 +294,7 @@ def _model(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan) -> onnx.ModelProto
     kv_shape = lambda seq: ["batch", cfg.num_kv_heads, seq, cfg.head_dim]  # noqa: E731
     inputs = [helper.make_tensor_value_info(io.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info(io.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-              helper.make_tensor_value_info(io.LOGITS_TO_KEEP, TensorProto.INT64, [])]
+              logits_to_keep_input()]
     outputs = [helper.make_tensor_value_info(io.LOGITS, TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
     for i in range(cfg.num_layers):
         inputs += [helper.make_tensor_value_info(n(i), kv_t, kv_shape("past_seq")) for n in (io.past_key, io.past_value)]

@@ -1,12 +1,8 @@
 """The tokenizer files of an exported model folder.
 
-Two sources, one result (``TokenizerFiles``):
-
-* a Hugging Face folder: its ``tokenizer.json`` is reused; only where tokenizer_config.json's
-  add_bos_token/add_eos_token disagree with its post-processor is that rewritten, so that a plain
-  ``Tokenizer.encode(text)`` adds the special tokens the model expects;
-* GGUF metadata: the ``tokenizer.ggml.*`` keys are rebuilt into a ``tokenizers`` tokenizer.json that
-  encodes the way llama.cpp does (llama.cpp is what a GGUF file is made for, so it is the reference).
+Two sources, one result (``TokenizerFiles``): a Hugging Face folder (tokenizer_hf.py) or GGUF
+metadata (tokenizer_gguf.py). This module holds the result, its writer and the pieces both
+sources build it from.
 
 Only JSON and GGUF values are read. Nothing is unpickled (no ``tokenizer.model``) and no code from
 the folder is imported or run (``auto_map`` is ignored).
@@ -15,29 +11,21 @@ the folder is imported or run (``auto_map`` is ignored).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer
 
-from ..runtime.contract import read_json_object
-from ..runtime.errors import BadModelFileError, UnsupportedModelError
+from ..runtime import contract as io
+from ..runtime.errors import BadModelFileError
 
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENERATION_CONFIG = "generation_config.json"
-MODEL_CONFIG = "config.json"
 
 # Tokens that end a chat turn. A chat template that writes one of them means generation should stop
 # there too, even when the file names another token as EOS (SmolLM2 and Qwen say <|endoftext|> or
 # <|im_end|>; Llama 3 says <|end_of_text|> but its template ends turns with <|eot_id|>).
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
-
-# transformers writes this (int(1e30)) as model_max_length when it does not know the limit.
-_UNKNOWN_MAX_LENGTH = 10**12
 
 
 @dataclass(frozen=True)
@@ -55,11 +43,11 @@ def write_tokenizer(files: TokenizerFiles, out_dir: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and, if there is one, chat_template.jinja."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TOKENIZER_JSON).write_text(files.tokenizer_json, encoding="utf-8")
+    (out_dir / io.TOKENIZER_NAME).write_text(files.tokenizer_json, encoding="utf-8")
     config_text = json.dumps(files.tokenizer_config, indent=2, ensure_ascii=False) + "\n"
-    (out_dir / TOKENIZER_CONFIG).write_text(config_text, encoding="utf-8")
+    (out_dir / io.TOKENIZER_CONFIG_NAME).write_text(config_text, encoding="utf-8")
     if files.chat_template is not None:
-        (out_dir / CHAT_TEMPLATE_FILE).write_text(files.chat_template, encoding="utf-8")
+        (out_dir / io.CHAT_TEMPLATE_NAME).write_text(files.chat_template, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +55,7 @@ def write_tokenizer(files: TokenizerFiles, out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _special_token_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> dict:
+def special_token_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> dict:
     """A TemplateProcessing post-processor (as JSON) that adds BOS before and EOS after the text.
 
     Written as JSON rather than through ``processors.TemplateProcessing("<s>:0 $A:0")`` because that
@@ -94,15 +82,15 @@ def _special_token_template(bos: tuple[str, int] | None, eos: tuple[str, int] | 
     }
 
 
-def _with_post_processor(tokenizer_json: str, post_processor: dict, source: str | Path) -> str:
+def with_post_processor(tokenizer_json: str, post_processor: dict, source: str | Path) -> str:
     document = json.loads(tokenizer_json)
     document["post_processor"] = post_processor
     text = json.dumps(document, ensure_ascii=False)
-    _parse_tokenizer(text, source)
+    parse_tokenizer(text, source)
     return text
 
 
-def _parse_tokenizer(text: str, source: str | Path) -> Tokenizer:
+def parse_tokenizer(text: str, source: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises plain Exception subclasses with Rust messages
@@ -112,7 +100,7 @@ def _parse_tokenizer(text: str, source: str | Path) -> Tokenizer:
         ) from err
 
 
-def _eos_ids(named: Iterable[int | None], tokenizer: Tokenizer, chat_template: str | None) -> list[int]:
+def end_token_ids(named: Iterable[int | None], tokenizer: Tokenizer, chat_template: str | None) -> list[int]:
     """The EOS ids the files name, in order, then the end-of-turn tokens the chat template writes."""
     ids = [index for index in named if index is not None]
     for text in _END_OF_TURN_TOKENS:
@@ -122,7 +110,7 @@ def _eos_ids(named: Iterable[int | None], tokenizer: Tokenizer, chat_template: s
     return list(dict.fromkeys(ids))
 
 
-def _tokenizer_config(
+def make_tokenizer_config(
     *,
     bos: str | None,
     eos: str | None,
@@ -150,562 +138,3 @@ def _tokenizer_config(
         config["chat_template"] = chat_template
     return config
 
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face folder
-# --------------------------------------------------------------------------------------------
-
-
-def tokenizer_from_hf(folder: Path) -> TokenizerFiles:
-    """Tokenizer files from a Hugging Face model folder (tokenizer.json is required)."""
-    folder = Path(folder)
-    source = folder / TOKENIZER_JSON
-    config = _read_json(folder / TOKENIZER_CONFIG) or {}
-    generation = _read_json(folder / GENERATION_CONFIG) or {}
-    model_config = _read_json(folder / MODEL_CONFIG) or {}
-
-    tokenizer_json = _add_named_special_tokens(_read_hf_tokenizer_json(folder), config, source)
-    tokenizer = _parse_tokenizer(tokenizer_json, source)
-    chat_template = _hf_chat_template(folder, config)
-    bos = _hf_bos(tokenizer, config, model_config, generation)
-    eos_ids = _eos_ids(
-        [
-            _id_of(tokenizer, _token_text(config.get("eos_token"))),
-            *_id_list(generation.get("eos_token_id"), folder / GENERATION_CONFIG),
-            *_id_list(model_config.get("eos_token_id"), folder / MODEL_CONFIG),
-        ],
-        tokenizer,
-        chat_template,
-    )
-    eos = (tokenizer.id_to_token(eos_ids[0]), eos_ids[0]) if eos_ids else None
-    tokenizer_json, add_bos, add_eos = _hf_bos_eos_rule(tokenizer_json, tokenizer, config, bos, eos, source)
-
-    tokenizer_config = _tokenizer_config(
-        bos=bos[0] if bos else None,
-        eos=eos[0] if eos else None,
-        unk=_token_text(config.get("unk_token")),
-        pad=_token_text(config.get("pad_token")),
-        add_bos=add_bos,
-        add_eos=add_eos,
-        chat_template=chat_template,
-        max_length=_hf_max_length(config, model_config),
-    )
-    return TokenizerFiles(
-        tokenizer_json=tokenizer_json,
-        tokenizer_config=tokenizer_config,
-        chat_template=chat_template,
-        bos_token_id=bos[1] if bos else None,
-        eos_token_ids=eos_ids,
-        add_bos_token=add_bos,
-        add_eos_token=add_eos,
-    )
-
-
-def _read_hf_tokenizer_json(folder: Path) -> str:
-    path = folder / TOKENIZER_JSON
-    if not path.is_file():
-        raise BadModelFileError(
-            f"{path}: tokenizer.json missing; this tool does not read tokenizer.model (sentencepiece/pickle "
-            "files). Load the tokenizer with transformers and save_pretrained() it into the folder, "
-            "or export from the model's GGUF file"
-        )
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadModelFileError(f"{path}: cannot read tokenizer.json ({err}); re-download the file") from err
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file does not exist."""
-    return read_json_object(path, path.name) if path.is_file() else None
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token from tokenizer_config.json: a string or an AddedToken dict {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _id_of(tokenizer: Tokenizer, text: str | None) -> int | None:
-    return tokenizer.token_to_id(text) if text is not None else None
-
-
-def _id_list(value: Any, source: Path) -> list[int]:
-    """An ``eos_token_id`` entry: absent, an int or a list of ints."""
-    if value is None:
-        return []
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(item, int) and not isinstance(item, bool) for item in values):
-        raise BadModelFileError(f"{source}: eos_token_id must be an integer or a list of integers, got {value!r}")
-    return values
-
-
-def _hf_bos(tokenizer: Tokenizer, config: dict, *id_sources: dict) -> tuple[str, int] | None:
-    """BOS as (text, id): named in tokenizer_config.json, or only by id in config/generation_config."""
-    text = _token_text(config.get("bos_token"))
-    index = _id_of(tokenizer, text)
-    if index is None:
-        index = next((source["bos_token_id"] for source in id_sources if _is_id(source.get("bos_token_id"))), None)
-    if index is None or tokenizer.id_to_token(index) is None:
-        return None
-    return tokenizer.id_to_token(index), index
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _add_named_special_tokens(tokenizer_json: str, config: dict, source: Path) -> str:
-    """Make bos/eos/unk/pad of tokenizer_config.json special added tokens, as transformers does.
-
-    transformers adds any named special token that tokenizer.json does not list, so "<s>" in a
-    prompt becomes the BOS id instead of being cut into "<", "s", ">". We only add those already in
-    the vocabulary: a new id would lie outside the model's embedding table.
-    """
-    tokenizer = _parse_tokenizer(tokenizer_json, source)
-    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-    names = dict.fromkeys(_token_text(config.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token"))
-    missing = [name for name in names if name and name not in added and tokenizer.token_to_id(name) is not None]
-    if not missing:
-        return tokenizer_json
-    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in missing])
-    return tokenizer.to_str()
-
-
-def _hf_bos_eos_rule(
-    tokenizer_json: str,
-    tokenizer: Tokenizer,
-    config: dict,
-    bos: tuple[str, int] | None,
-    eos: tuple[str, int] | None,
-    source: Path,
-) -> tuple[str, bool, bool]:
-    """Settle whether encode() adds BOS/EOS; returns the tokenizer.json that does so and the flags.
-
-    What tokenizer.json's post-processor does is the default (transformers 5 uses it as is). An
-    add_bos_token/add_eos_token written in tokenizer_config.json wins where it disagrees, as it did
-    for transformers 4's Llama-family tokenizers, which rebuilt the post-processor from those flags;
-    the post-processor is then rewritten so the runtime's plain encode() follows the flags.
-    """
-    does_bos, does_eos = _adds_bos_eos(tokenizer, bos, eos)
-    want_bos = bool(config.get("add_bos_token", does_bos)) and bos is not None
-    want_eos = bool(config.get("add_eos_token", does_eos)) and eos is not None
-    if (want_bos, want_eos) == (does_bos, does_eos):
-        return tokenizer_json, does_bos, does_eos
-    template = _special_token_template(bos if want_bos else None, eos if want_eos else None)
-    return _with_post_processor(tokenizer_json, template, source), want_bos, want_eos
-
-
-def _adds_bos_eos(
-    tokenizer: Tokenizer, bos: tuple[str, int] | None, eos: tuple[str, int] | None
-) -> tuple[bool, bool]:
-    """Whether tokenizer.json adds BOS / EOS, read off its behaviour on a probe text.
-
-    Probing covers every post-processor kind (TemplateProcessing, Bert/Roberta, Sequence) at once.
-    """
-    plain = tokenizer.encode("a", add_special_tokens=False).ids
-    full = tokenizer.encode("a").ids
-    start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
-    if start is None:  # the post-processor rewrote the text itself; nothing to say about BOS/EOS
-        return False, False
-    before, after = full[:start], full[start + len(plain) :]
-    return (bos is not None and bos[1] in before), (eos is not None and eos[1] in after)
-
-
-def _hf_chat_template(folder: Path, config: dict) -> str | None:
-    """chat_template.jinja wins over tokenizer_config.json, as in transformers."""
-    path = folder / CHAT_TEMPLATE_FILE
-    if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise BadModelFileError(f"{path}: cannot read the chat template ({err}); fix the file") from err
-    template = config.get("chat_template")
-    if isinstance(template, list):  # several named templates: [{"name": ..., "template": ...}]
-        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def _hf_max_length(config: dict, model_config: dict) -> int | None:
-    for value in (config.get("model_max_length"), model_config.get("max_position_embeddings")):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < _UNKNOWN_MAX_LENGTH:
-            return int(value)
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF metadata
-# --------------------------------------------------------------------------------------------
-
-_KEY = "tokenizer.ggml."
-
-# llama.cpp's token types (gguf.TokenType).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
-# Token types llama.cpp cuts out of the text whole before tokenizing the rest.
-_MATCHED_WHOLE = (_UNKNOWN, _CONTROL, _USER_DEFINED)
-
-# Regexes from llama.cpp's llama-vocab.cpp (llm_tokenizer_bpe): each is applied in turn to the
-# pieces the previous one left, and text no regex matches stays a piece of its own.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Mistral's tekken, as written in its tokenizer.json (llama.cpp rewrites it only for std::regex).
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_BLOOM_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
-
-
-@dataclass(frozen=True)
-class _BpePreTokenizer:
-    """How llama.cpp treats byte-level BPE text for one value of tokenizer.ggml.pre."""
-
-    splits: tuple[str, ...]
-    ignore_merges: bool = False  # a piece that is a whole vocabulary token is taken as it is
-    add_bos: bool = False  # llama.cpp's add_bos when the file has no add_bos_token key
-
-
-_DEFAULT = _BpePreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"))
-_GPT2 = _BpePreTokenizer((_GPT2_SPLIT,))
-_DIGITS_THEN_GPT2 = _BpePreTokenizer((r"\p{N}", _GPT2_SPLIT))  # StarCoder family, SmolLM
-_LLAMA3 = _BpePreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
-_QWEN2 = _BpePreTokenizer((_QWEN2_SPLIT,))
-
-_BPE_PRE_TOKENIZERS: dict[str, _BpePreTokenizer] = {
-    "default": _DEFAULT,
-    # "gpt2" is not a name llama.cpp writes ("gpt-2" is); accepted as the obvious alias.
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "roberta-bpe", "mpt", "olmo", "jais"), _GPT2),
-    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
-                    _DIGITS_THEN_GPT2),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), _LLAMA3),
-    **dict.fromkeys(("dbrx", "smaug-bpe"), _BpePreTokenizer((_LLAMA3_SPLIT,))),
-    **dict.fromkeys(("qwen2", "stablelm2", "megrez", "deepseek-r1-qwen"), _QWEN2),
-    "tekken": _BpePreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
-    "falcon": _BpePreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]")),
-    **dict.fromkeys(("poro-chat", "bloom", "gpt3-finnish"), _BpePreTokenizer((_BLOOM_SPLIT,))),
-    "viking": _BpePreTokenizer((_BLOOM_SPLIT, r"\p{N}")),
-}
-
-# llama.cpp's special token ids for a sentencepiece vocabulary that names none.
-_SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unk": 0}
-
-
-class _GgufVocab(NamedTuple):
-    tokens: list[str]
-    token_types: list[int]
-    scores: list[float] | None
-    merges: list[str] | None
-
-
-class _SpecialIds(NamedTuple):
-    bos: int | None
-    eos: int | None
-    unk: int | None
-    pad: int | None
-    eot: int | None
-    eom: int | None
-
-
-class _Built(NamedTuple):
-    tokenizer: Tokenizer
-    add_bos_default: bool  # what llama.cpp does when the file has no add_bos_token key
-
-
-def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> TokenizerFiles:
-    """Tokenizer files from a GGUF file's metadata (key -> value, arrays as lists)."""
-    model = _required(metadata, "model", str)
-    builder = _gguf_builder(model)
-    vocab = _gguf_vocab(metadata)
-    ids = _gguf_special_ids(metadata, model, len(vocab.tokens))
-    built = builder(metadata, vocab, ids)
-    add_bos, add_eos = _gguf_add_flags(metadata, built.add_bos_default, ids)
-    bos, eos = _token_at(vocab, ids.bos), _token_at(vocab, ids.eos)
-    template = _special_token_template(bos if add_bos else None, eos if add_eos else None)
-    tokenizer_json = _with_post_processor(built.tokenizer.to_str(), template, "GGUF tokenizer metadata")
-    chat_template = metadata.get("tokenizer.chat_template")
-    chat_template = chat_template if isinstance(chat_template, str) else None
-
-    tokenizer_config = _tokenizer_config(
-        bos=bos[0] if bos else None,
-        eos=eos[0] if eos else None,
-        unk=vocab.tokens[ids.unk] if ids.unk is not None else None,
-        pad=vocab.tokens[ids.pad] if ids.pad is not None else None,
-        add_bos=add_bos,
-        add_eos=add_eos,
-        chat_template=chat_template,
-        max_length=_gguf_context_length(metadata),
-    )
-    return TokenizerFiles(
-        tokenizer_json=tokenizer_json,
-        tokenizer_config=tokenizer_config,
-        chat_template=chat_template,
-        bos_token_id=ids.bos,
-        eos_token_ids=_eos_ids([ids.eos, ids.eot, ids.eom], built.tokenizer, chat_template),
-        add_bos_token=add_bos,
-        add_eos_token=add_eos,
-    )
-
-
-def _gguf_builder(model: str):
-    builder = _GGUF_BUILDERS.get(model)
-    if builder is None:
-        raise UnsupportedModelError(
-            f"GGUF {_KEY}model = {model!r}: this tokenizer kind is not supported "
-            f"(supported: {', '.join(sorted(_GGUF_BUILDERS))}); export from the Hugging Face folder instead"
-        )
-    return builder
-
-
-def _token_at(vocab: _GgufVocab, index: int | None) -> tuple[str, int] | None:
-    return (vocab.tokens[index], index) if index is not None else None
-
-
-# --- reading the keys ---
-
-
-def _required(metadata: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    key = _KEY + name
-    if key not in metadata:
-        raise BadModelFileError(
-            f"GGUF metadata has no {key!r}, so the file carries no usable tokenizer; "
-            "re-convert the model with llama.cpp's convert_hf_to_gguf.py or export from the Hugging Face folder"
-        )
-    value = metadata[key]
-    if not isinstance(value, kind):
-        raise BadModelFileError(f"GGUF {key} has the wrong type ({type(value).__name__}); re-convert the model")
-    return value
-
-
-def _optional_list(metadata: Mapping[str, Any], name: str, length: int | None, kind: type | tuple[type, ...]) -> list | None:
-    """The array `name` (every element a `kind`, `length` of them when given), or None if absent."""
-    key = _KEY + name
-    value = metadata.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise BadModelFileError(f"GGUF {key} is not an array of {_kind_name(kind)}; the file is damaged, re-convert the model")
-    value = list(value)
-    if length is not None and len(value) != length:
-        raise BadModelFileError(
-            f"GGUF {key} has {len(value)} entries for {length} tokens; the file is damaged, re-convert the model"
-        )
-    return value
-
-
-def _gguf_vocab(metadata: Mapping[str, Any]) -> _GgufVocab:
-    tokens = [str(token) for token in _required(metadata, "tokens", (list, tuple))]
-    if not tokens:
-        raise BadModelFileError(f"GGUF {_KEY}tokens is empty; re-convert the model")
-    # llama.cpp renames empty tokens the same way, so they cannot collide with real text.
-    tokens = [token or f"[EMPTY_{index}]" for index, token in enumerate(tokens)]
-    duplicates = len(tokens) - len(set(tokens))
-    if duplicates:
-        raise BadModelFileError(
-            f"GGUF {_KEY}tokens lists {duplicates} token(s) twice; llama.cpp refuses such a file too, re-convert it"
-        )
-    types = _optional_list(metadata, "token_type", len(tokens), int)
-    scores = _optional_list(metadata, "scores", len(tokens), (int, float))
-    merges = _optional_list(metadata, "merges", None, str)
-    return _GgufVocab(
-        tokens=tokens,
-        token_types=types if types is not None else [_NORMAL] * len(tokens),
-        scores=[float(score) for score in scores] if scores is not None else None,
-        merges=merges,
-    )
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return {int: "integers", str: "strings"}.get(kind, "numbers")
-
-
-def _gguf_special_ids(metadata: Mapping[str, Any], model: str, n_tokens: int) -> _SpecialIds:
-    defaults = _SPM_DEFAULT_IDS if model == "llama" else {}
-
-    def read(name: str, key: str) -> int | None:
-        value = metadata.get(f"{_KEY}{key}", defaults.get(name))
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise BadModelFileError(f"GGUF {_KEY}{key} = {value!r} is not a token id; re-convert the model")
-        if not 0 <= value < n_tokens:
-            raise BadModelFileError(
-                f"GGUF {_KEY}{key} = {value} is outside the vocabulary of {n_tokens} tokens; re-convert the model"
-            )
-        return int(value)
-
-    return _SpecialIds(
-        bos=read("bos", "bos_token_id"),
-        eos=read("eos", "eos_token_id"),
-        unk=read("unk", "unknown_token_id"),
-        pad=read("pad", "padding_token_id"),
-        eot=read("eot", "eot_token_id"),
-        eom=read("eom", "eom_token_id"),
-    )
-
-
-def _gguf_flag(metadata: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = metadata.get(_KEY + name)
-    return default if value is None else bool(value)
-
-
-def _gguf_add_flags(metadata: Mapping[str, Any], add_bos_default: bool, ids: _SpecialIds) -> tuple[bool, bool]:
-    add_bos = _gguf_flag(metadata, "add_bos_token", add_bos_default)
-    add_eos = _gguf_flag(metadata, "add_eos_token", False)
-    for flag, index, flag_name, id_name in (
-        (add_bos, ids.bos, "add_bos_token", "bos_token_id"),
-        (add_eos, ids.eos, "add_eos_token", "eos_token_id"),
-    ):
-        if flag and index is None:
-            raise BadModelFileError(
-                f"GGUF {_KEY}{flag_name} is true but {_KEY}{id_name} is missing; re-convert the model"
-            )
-    return add_bos, add_eos
-
-
-def _gguf_context_length(metadata: Mapping[str, Any]) -> int | None:
-    value = metadata.get(f"{metadata.get('general.architecture')}.context_length")
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _added_tokens(vocab: _GgufVocab) -> list[AddedToken]:
-    """Tokens llama.cpp matches whole in the text: control and unknown ones as special, user-defined
-    ones as plain added tokens (so decode keeps them)."""
-    return [
-        AddedToken(token, special=kind != _USER_DEFINED, normalized=False)
-        for token, kind in zip(vocab.tokens, vocab.token_types)
-        if kind in _MATCHED_WHOLE
-    ]
-
-
-# --- "gpt2": byte-level BPE ---
-
-
-def _build_byte_level_bpe(metadata: Mapping[str, Any], vocab: _GgufVocab, ids: _SpecialIds) -> _Built:
-    pre_name = metadata.get(_KEY + "pre") or "default"  # llama.cpp falls back to "default" too
-    pre = _BPE_PRE_TOKENIZERS.get(pre_name) if isinstance(pre_name, str) else None
-    if pre is None:
-        raise UnsupportedModelError(
-            f"GGUF {_KEY}pre = {pre_name!r}: this pre-tokenizer is not supported "
-            f"(supported: {', '.join(sorted(_BPE_PRE_TOKENIZERS))}); export from the Hugging Face folder instead"
-        )
-    if vocab.merges is None:
-        raise BadModelFileError(
-            f"GGUF metadata has no {_KEY}merges, which a gpt2 tokenizer needs; re-convert the model"
-        )
-    token_ids = {token: index for index, token in enumerate(vocab.tokens)}
-    tokenizer = Tokenizer(
-        models.BPE(
-            vocab=token_ids,
-            merges=_usable_merges(vocab.merges, token_ids),
-            ignore_merges=pre.ignore_merges,
-            unk_token=vocab.tokens[ids.unk] if ids.unk is not None else None,
-        )
-    )
-    # The regexes cut the raw text; ByteLevel then only maps bytes to its printable alphabet.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in pre.splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_tokens(_added_tokens(vocab))
-    return _Built(tokenizer, pre.add_bos)
-
-
-def _usable_merges(merges: Sequence[str], token_ids: Mapping[str, int]) -> list[tuple[str, str]]:
-    """Merges as pairs, dropping those whose parts or result are not tokens.
-
-    `tokenizers` refuses such merges; llama.cpp keeps them, but a merge that yields no token can only
-    end in the per-character fallback, so dropping it changes nothing for real vocabularies. The
-    split is at the first space after the first character, as in llama.cpp (a part may be a space).
-    """
-    pairs = []
-    for merge in merges:
-        cut = merge.find(" ", 1)
-        if cut < 0:
-            continue
-        left, right = merge[:cut], merge[cut + 1 :]
-        if left in token_ids and right in token_ids and left + right in token_ids:
-            pairs.append((left, right))
-    return pairs
-
-
-# --- "llama": sentencepiece BPE with scores ---
-
-
-def _build_sentencepiece_bpe(metadata: Mapping[str, Any], vocab: _GgufVocab, ids: _SpecialIds) -> _Built:
-    if vocab.scores is None:
-        raise BadModelFileError(
-            f"GGUF metadata has no {_KEY}scores, which a llama (sentencepiece) tokenizer needs; re-convert the model"
-        )
-    token_ids = {token: index for index, token in enumerate(vocab.tokens)}
-    has_bytes = _BYTE in vocab.token_types
-    tokenizer = Tokenizer(
-        models.BPE(
-            vocab=token_ids,
-            merges=_merges_from_scores(vocab.tokens, vocab.scores),
-            unk_token=vocab.tokens[ids.unk] if ids.unk is not None else None,
-            fuse_unk=True,
-            byte_fallback=has_bytes,
-        )
-    )
-    add_space_prefix = _gguf_flag(metadata, "add_space_prefix", True)
-    tokenizer.normalizer = _sentencepiece_normalizer(add_space_prefix)
-    tokenizer.decoder = _sentencepiece_decoder(add_space_prefix)
-    tokenizer.add_tokens(_added_tokens(vocab))
-    return _Built(tokenizer, add_bos_default=True)
-
-
-def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
-    """BPE merges equivalent to sentencepiece's "merge the best-scoring pair that forms a token".
-
-    Every way to cut a token in two known tokens is a merge, ranked by the token's score, best first
-    (ties: longer left part first, then lower ids), which is transformers' `generate_merges` order.
-    """
-    token_ids = {token: index for index, token in enumerate(tokens)}
-    merges = []
-    for token, score in zip(tokens, scores):
-        cuts = [
-            (token[:cut], token[cut:])
-            for cut in range(1, len(token))
-            if token[:cut] in token_ids and token[cut:] in token_ids
-        ]
-        cuts.sort(key=lambda pair: (token_ids[pair[0]], token_ids[pair[1]]))
-        merges.extend((score, left, right) for left, right in cuts)
-    merges.sort(key=lambda merge: (merge[0], len(merge[1]), len(merge[2])), reverse=True)
-    return [(left, right) for _, left, right in merges]
-
-
-def _sentencepiece_normalizer(add_space_prefix: bool) -> normalizers.Normalizer:
-    """Spaces become "▁"; with add_space_prefix each stretch of text gets one in front.
-
-    A normalizer rather than a Metaspace pre-tokenizer: it runs on each piece between special tokens
-    (llama.cpp prefixes the text after every special token too) and it always prepends, even before
-    a leading space, where Metaspace would not (" hi" must be "▁▁hi", as in sentencepiece).
-    """
-    replace = normalizers.Replace(" ", "▁")
-    if not add_space_prefix:
-        return replace
-    return normalizers.Sequence([normalizers.Prepend("▁"), replace])
-
-
-def _sentencepiece_decoder(add_space_prefix: bool) -> decoders.Decoder:
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))  # drop the prefix space again
-    return decoders.Sequence(steps)
-
-
-_GGUF_BUILDERS = {
-    "gpt2": _build_byte_level_bpe,
-    "llama": _build_sentencepiece_bpe,
-}

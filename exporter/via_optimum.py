@@ -37,14 +37,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import edgellama
+from edgellama.buildkit.graph_writer import MS, GraphWriter
+from edgellama.buildkit.output import atomic_folder, check_target
 from edgellama.runtime import contract as io
-from edgellama.runtime.contract import Manifest, read_json_object
+from edgellama.runtime.adapters import genai_config
+from edgellama.runtime.contract import KVLayout, Manifest, read_json_object
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError, UnsupportedModelError
 
 from .checkpoint import hf_weight_files, sha256_file
-from .graph import GraphWriter
-from .output import atomic_folder, check_target
-from .tokenizer import TokenizerFiles, tokenizer_from_hf, write_tokenizer
+from .tokenizer import TokenizerFiles, write_tokenizer
+from .tokenizer_hf import tokenizer_from_hf
 
 TASK = "text-generation-with-past"
 INSTALL_HINT = "install it with: pip install 'edgellama[optimum]'"
@@ -52,7 +54,6 @@ INSTALL_HINT = "install it with: pip install 'edgellama[optimum]'"
 # written for these only.
 GENAI_TYPES = frozenset({"llama", "mistral", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
                          "olmo", "granite", "nemotron", "smollm3"})
-MS = "com.microsoft"
 _MIN_EXTERNAL_BYTES = 1024  # smaller initializers stay inside model.onnx
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -61,7 +62,7 @@ def export_via_optimum(source: Path, out_dir: Path, options, progress) -> Manife
     """Write `out_dir` from a HF folder through optimum's tracer; all or nothing.
 
     `options` is exporter.export.ExportOptions; with options.quant the float folder is
-    written beside the target first and quantized into it (quantize/rewrite.py)."""
+    written beside the target first and quantized into it by the quantize package's `quantize_folder`."""
     source, out_dir = Path(source), Path(out_dir)
     check_target(out_dir, options.force)
     if options.attention != "auto":
@@ -74,7 +75,7 @@ def export_via_optimum(source: Path, out_dir: Path, options, progress) -> Manife
     if options.quant is None:
         with atomic_folder(out_dir, force=options.force) as tmp:
             return _write_float(source, config, weights, tokenizer, tracer, options.dtype, tmp, progress)
-    from edgellama.quantize.rewrite import quantize_folder
+    from edgellama.quantize import quantize_folder
 
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".float", dir=out_dir.absolute().parent) as work:
         float_dir = Path(work)
@@ -165,7 +166,8 @@ def _write_float(source: Path, config: dict[str, Any], weights: list[Path], tok:
     manifest = _manifest(config, shape, tok, dtype, source, weights, tracer.versions)
     (folder / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     if config.get("model_type") in GENAI_TYPES:
-        (folder / "genai_config.json").write_text(json.dumps(_genai(manifest, config), indent=2) + "\n")
+        genai = genai_config(manifest, config["model_type"])
+        (folder / io.GENAI_CONFIG_NAME).write_text(json.dumps(genai, indent=2) + "\n")
     progress(3, 3, "steps")
     return manifest
 
@@ -290,7 +292,7 @@ def _manifest(config: dict[str, Any], shape: dict[str, Any], tok: TokenizerFiles
         num_layers=shape["layers"], hidden_size=hidden, num_heads=heads, num_kv_heads=shape["kv_heads"],
         head_dim=shape["head_dim"], vocab_size=shape["vocab"],
         context_length=_first(config, "max_position_embeddings", "n_positions", "seq_length", default=2048),
-        dtype=dtype, weights=dtype, attention="standard", kv_buffer="concat",
+        dtype=dtype, weights=dtype, attention="standard", kv_buffer=KVLayout.CONCAT.value,
         bos_token_id=tok.bos_token_id, eos_token_ids=list(tok.eos_token_ids), add_bos_token=tok.add_bos_token,
         has_position_ids=shape["position_ids"], via="optimum", graph_io=shape["io"],
         source={"path": source.name, "format": "hf", "model_type": config.get("model_type"),
@@ -298,13 +300,3 @@ def _manifest(config: dict[str, Any], shape: dict[str, Any], tok: TokenizerFiles
         tool={"name": "edgellama", "version": edgellama.__version__, "onnx": onnx.__version__,
               "python": platform.python_version(), "argv": sys.argv[1:], **versions},
     )
-
-
-def _genai(manifest: Manifest, config: dict[str, Any]) -> dict:
-    from .export import genai_config
-
-    cfg = genai_config(manifest)
-    cfg["model"]["type"] = config["model_type"]
-    if manifest.has_position_ids:
-        cfg["model"]["decoder"]["inputs"]["position_ids"] = io.POSITION_IDS
-    return cfg

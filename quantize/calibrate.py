@@ -40,10 +40,10 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    if not (folder / "tokenizer.json").is_file():
+    if not (folder / io.TOKENIZER_NAME).is_file():
         raise BadArgumentError(f"{folder}: calibration needs the model's tokenizer.json; add it, or quantize "
                                "with --no-calibration")
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(folder / io.TOKENIZER_NAME))
     ids = tokenizer.encode(default_text() if text is None else text, add_special_tokens=False).ids[:max_tokens]
     if len(ids) < 2:
         raise BadArgumentError("the calibration text is empty; give a text file with some sentences in it")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schemes import BlockQuant, _with_cols, mse_float_min, mse_zero_point, rtn_symmetric
+from edgellama.buildkit.schemes import BlockQuant, _with_cols, mse_float_min, mse_zero_point, rtn_symmetric
 
 # Fraction of mean(diag(H)) added to the diagonal. H comes from a few thousand tokens of one
 # kind of text; heavier damping than the paper's 0.01 generalises better to other text

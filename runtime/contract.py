@@ -1,24 +1,35 @@
-"""The contract between the exporter, the quantizer and the runtime.
+"""The folder contract: what a model folder holds and what its graph's I/O is called.
 
-One home for the graph's I/O names, the KV-cache layout and the manifest schema.
+Every package reads it from here: the exporter and quantizer write folders to it, the
+runtime reads them, deploy compiles and packs them. Folders written by other tools
+(onnxruntime-genai, optimum) are read through runtime/adapters.py into the same Manifest.
+
+Files of a model folder:
+  edgellama.json          the Manifest (below), versioned
+  model.onnx (+ .data)    the decoder graph and its weights (model.ort once compiled to ORT format)
+  tokenizer.json, tokenizer_config.json, chat_template.jinja (when the model has one)
+  genai_config.json       so onnxruntime-genai loads the same folder (runtime/adapters.py)
 
 Graph I/O (names shared with optimum and onnxruntime-genai):
   input_ids                      (batch, seq)                    int64
   attention_mask                 (batch, total_seq)              int64
+  position_ids (optional)        (batch, seq)                    int64
   past_key_values.{i}.key/value  (batch, kv_heads, past_seq, head_dim)  float32|float16
-  logits_to_keep (optional)      ()  default 0 = every position  int64
+  logits_to_keep (optional)      ()  omitted = every position    int64
   logits                         (batch, seq or keep, vocab)     float32
   present.{i}.key/value          (batch, kv_heads, total_seq, head_dim)
 
-When the manifest says ``kv_buffer: "shared"``, the graph's attention also accepts a
-past buffer longer than the sequence so far (batch, kv_heads, max_seq, head_dim) with
-``present`` bound to the same memory; the valid length is given by attention_mask.
+KV layouts (KVLayout): with SHARED, the graph's attention also accepts a past buffer
+longer than the sequence so far (batch, kv_heads, max_seq, head_dim) with ``present``
+bound to the same memory; the valid length is given by attention_mask. CONCAT graphs
+return a new present of exactly total_seq positions each run.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +41,62 @@ MANIFEST_VERSION = 1
 # KV buffers are sized from it, so a lying config or manifest must not make it terabytes;
 # 2^20 covers every supported family (Qwen2.5-1M: 1,010,000).
 MAX_CONTEXT = 1 << 20
+
+# ---- file names --------------------------------------------------------------------------
 GRAPH_NAME = "model.onnx"
 GRAPH_DATA_NAME = "model.onnx.data"
+ORT_GRAPH_NAME = "model.ort"  # `edgellama compile --format ort`
+REQUIRED_OPERATORS_NAME = "required_operators.config"  # beside model.ort, for minimal builds
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
+CHAT_TEMPLATE_JSON_NAME = "chat_template.json"  # transformers' processor form: {"chat_template": ...}
+GENAI_CONFIG_NAME = "genai_config.json"
+HF_CONFIG_NAME = "config.json"  # a Hugging Face model's config (optimum folders, export sources)
+GENERATION_CONFIG_NAME = "generation_config.json"
 
+# ---- graph I/O names ---------------------------------------------------------------------
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-# Optional scalar input with default 0 (all positions): logits for the last K positions only.
+# Optional scalar input (an ONNX optional type, so a plain session needs no feed and ORT
+# warns about nothing): logits for the last K positions only; omitted = every position.
 LOGITS_TO_KEEP = "logits_to_keep"
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
 
 
 def past_key(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
+    return PAST_KEY % layer
 
 
 def past_value(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
+    return PAST_VALUE % layer
 
 
 def present_key(layer: int) -> str:
-    return f"present.{layer}.key"
+    return PRESENT_KEY % layer
 
 
 def present_value(layer: int) -> str:
-    return f"present.{layer}.value"
+    return PRESENT_VALUE % layer
+
+
+def kv_names(layers: int):
+    """(past, present) name pairs, key then value, layer by layer."""
+    for i in range(layers):
+        yield past_key(i), present_key(i)
+        yield past_value(i), present_value(i)
+
+
+class KVLayout(str, Enum):
+    """How past and present KV tensors relate; the manifest's ``kv_buffer``."""
+
+    SHARED = "shared"  # one max-length buffer per layer, appended in place (GroupQueryAttention)
+    CONCAT = "concat"  # a new present per run, the past plus the new positions (any graph)
 
 
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -88,7 +130,7 @@ class Manifest:
     dtype: str  # "fp32" | "fp16": activations and KV cache
     weights: str  # "fp32" | "fp16" | "int8" | "int4" ...
     attention: str  # "gqa" (com.microsoft GroupQueryAttention) | "standard"
-    kv_buffer: str  # "shared": past/present may share one max-length buffer | "concat"
+    kv_buffer: str  # a KVLayout value: "shared" | "concat"
     bos_token_id: int | None
     eos_token_ids: list[int]
     add_bos_token: bool
@@ -106,6 +148,10 @@ class Manifest:
     @property
     def kv_numpy_dtype(self) -> str:
         return KV_DTYPES[self.dtype]
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(self.kv_buffer)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -148,7 +194,7 @@ def _check_fields(path: Path, m: Manifest) -> None:
     checks += [
         ("context_length", not _is_int(m.context_length) or m.context_length <= MAX_CONTEXT, f"at most {MAX_CONTEXT}"),
         ("dtype", isinstance(m.dtype, str) and m.dtype in KV_DTYPES, " or ".join(KV_DTYPES)),
-        ("kv_buffer", m.kv_buffer in ("shared", "concat"), "shared or concat"),
+        ("kv_buffer", m.kv_buffer in {k.value for k in KVLayout}, " or ".join(k.value for k in KVLayout)),
         ("bos_token_id", m.bos_token_id is None or _is_int(m.bos_token_id), "a token id or null"),
         ("eos_token_ids", isinstance(m.eos_token_ids, list) and all(map(_is_int, m.eos_token_ids)), "a list of token ids"),
         ("add_bos_token", isinstance(m.add_bos_token, bool), "true or false"),
@@ -158,3 +204,38 @@ def _check_fields(path: Path, m: Manifest) -> None:
             raise BadModelFileError(
                 f"{path}: {name} is {getattr(m, name)!r}, expected {expected}; re-export the model"
             )
+
+
+# ---- chat template -----------------------------------------------------------------------
+
+def find_chat_template(folder: Path) -> str | None:
+    """The chat template source of a model folder or a Hugging Face folder, as transformers
+    finds it: chat_template.jinja, then chat_template.json, then tokenizer_config.json's
+    ``chat_template`` (a string, or a list of named templates of which "default" is used).
+    None where there is none; BadModelFileError naming the file where one is unreadable."""
+    folder = Path(folder)
+    path = folder / CHAT_TEMPLATE_NAME
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadModelFileError(f"{path}: the chat template is not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start}); save it as UTF-8 or remove it") from None
+    for path in (folder / CHAT_TEMPLATE_JSON_NAME, folder / TOKENIZER_CONFIG_NAME):
+        if path.is_file():
+            template = _template_entry(read_json_object(path, path.name).get("chat_template"), path)
+            if template is not None:
+                return template
+    return None
+
+
+def _template_entry(value: Any, path: Path) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, list):  # several named templates: [{"name": ..., "template": ...}]
+        named = {e.get("name"): e.get("template") for e in value if isinstance(e, dict)}
+        value = named.get("default")
+        if value is None or isinstance(value, str):
+            return value or None
+    raise BadModelFileError(f"{path}: chat_template is a {type(value).__name__}, expected text or a list of "
+                            "named templates; fix the file or remove the entry")

@@ -35,3 +35,7 @@ class OutputExistsError(EdgeLlamaError):
 
 class OutputWriteError(EdgeLlamaError):
     """Writing the output failed part way (a full disk, a quota, a file-size limit); nothing was kept."""
+
+
+class MissingExtraError(EdgeLlamaError):
+    """The command needs packages of an optional extra that is not installed."""

@@ -210,6 +210,23 @@ def _spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int,
         raise _Malformed
 
 
+def fields(buf: memoryview, pos: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int | None]]:
+    """(field, start, value) per field of one message: a length-delimited field's payload
+    starts at `start` (its bytes are buf[start:value]); a varint field has start -1 and its
+    value. BadModelFileError-free: raises ValueError on a malformed message."""
+    end = len(buf) if end is None else end
+    try:
+        for field, start, stop, head in _spans(buf, pos, end):
+            if start >= 0:
+                yield field, start, stop
+            else:
+                _, after_key = _varint(buf, head, stop)
+                value = _varint(buf, after_key, stop)[0] if (buf[head] & 7) == 0 else None
+                yield field, -1, value
+    except _Malformed:
+        raise ValueError("malformed protobuf message") from None
+
+
 def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:

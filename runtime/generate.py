@@ -1,7 +1,7 @@
-"""Prefill, decode one token at a time, sample, stop, stream.
+"""Sample, stop, stream: `Generation` is the iterator an app consumes.
 
-`Decoder` owns one generation's state (IOBinding, KV cache, input buffers) over a
-shared read-only session; `Generation` is the iterator an app consumes.
+It drives a `Decoder` (runtime/decoder.py): prefill what the cache does not hold, then
+decode one token at a time until EOS, a stop string or the token budget.
 """
 
 from __future__ import annotations
@@ -11,93 +11,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import contract as io
+from .decoder import Decoder
 from .detokenize import StreamDecoder
 from .errors import BadArgumentError, ContextOverflowError
-from .kv_cache import KVCache, aligned_zeros
 from .sampling import SamplingParams, make_sampler, token_prob, top_probs
 
 if TYPE_CHECKING:
     from .model import Model
-
-PREFILL_CHUNK = 256  # long prompts run in chunks: bounds the (chunk, vocab) logits buffer
-
-
-class Decoder:
-    """Runs the graph over new tokens, appending to its KV cache.
-
-    Buffers: ids (capacity,) int64, mask (capacity,) int64 of ones, logits (1, 1, V)
-    float32 for single-token steps; all bound by pointer, reused every step.
-    """
-
-    def __init__(self, model: "Model", capacity: int):
-        self.model = model
-        self.binding = model.session.io_binding()
-        self.cache = KVCache(model.graph_io, model.shared_kv, capacity, model.device)
-        self.tokens: list[int] = []  # what the cache holds
-        self.fed = 0  # tokens run through the graph, over this decoder's life
-        self._ids = aligned_zeros(capacity, np.int64)
-        # Ones for the tokens the cache holds, zeros after: with a shared KV buffer every
-        # decode step binds the whole (1, capacity) mask, so the graph sees the same shapes
-        # each step and ONNX Runtime plans its memory once instead of once per length.
-        self._mask = aligned_zeros(capacity, np.int64)
-        self._fixed_shape = model.shared_kv
-        self._pos = np.arange(capacity, dtype=np.int64)
-        self._step_logits = aligned_zeros((1, 1, model.vocab_size), np.float32)
-        self._keep_one = np.ones((), np.int64)
-        if model.graph_io.has_logits_to_keep:  # only the last position's logits are ever needed
-            self.binding.bind_input(io.LOGITS_TO_KEEP, "cpu", 0, np.int64, [], self._keep_one.ctypes.data)
-
-    @property
-    def capacity(self) -> int:
-        return len(self._ids)
-
-    def reserve(self, capacity: int) -> None:
-        if capacity > self.capacity:
-            ids, mask = aligned_zeros(capacity, np.int64), aligned_zeros(capacity, np.int64)
-            ids[: len(self._ids)], mask[: self.cache.length] = self._ids, 1
-            self._ids, self._mask = ids, mask
-            self._pos = np.arange(capacity, dtype=np.int64)
-        self.cache.reserve(capacity)
-
-    def rewind(self, length: int) -> None:
-        self.cache.truncate(length)
-        self._mask[length:] = 0
-        del self.tokens[length:]
-
-    def forward(self, new_tokens: Sequence[int]) -> np.ndarray:
-        """(vocab,) float32 logits after the last of `new_tokens`."""
-        logits = None
-        for start in range(0, len(new_tokens), PREFILL_CHUNK):
-            logits = self._run(new_tokens[start:start + PREFILL_CHUNK])
-        return logits
-
-    def _run(self, chunk: Sequence[int]) -> np.ndarray:
-        n, past = len(chunk), self.cache.length
-        total = past + n
-        self.reserve(total)
-        self._ids[past:total] = chunk
-        self._mask[past:total] = 1
-        b = self.binding
-        b.bind_input(io.INPUT_IDS, "cpu", 0, np.int64, [1, n], self._ids[past:].ctypes.data)
-        mask_len = self.capacity if n == 1 and self._fixed_shape else total
-        b.bind_input(io.ATTENTION_MASK, "cpu", 0, np.int64, [1, mask_len], self._mask.ctypes.data)
-        if self.model.graph_io.has_position_ids:
-            b.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self._pos[past:].ctypes.data)
-        if n == 1:
-            b.bind_output(io.LOGITS, "cpu", 0, np.float32, list(self._step_logits.shape), self._step_logits.ctypes.data)
-        else:
-            b.bind_output(io.LOGITS, "cpu")
-        bound = [io.LOGITS] + self.cache.bind(b)  # get_outputs() follows binding order
-        self.model.session.run_with_iobinding(b)
-        outputs = dict(zip(bound, b.get_outputs())) if not self.cache.shared or n > 1 else {}
-        self.cache.advance(n, outputs)
-        self.tokens.extend(int(t) for t in chunk)
-        self.fed += n
-        if n == 1:
-            return self._step_logits[0, 0]
-        return outputs[io.LOGITS].numpy()[0, -1]
-
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -199,36 +119,25 @@ class Generation:
     def _prefill(self) -> np.ndarray:
         """Feed only what the cache does not already hold (chat turns reuse it)."""
         d = self.decoder
-        common = 0
-        for a, b in zip(d.tokens, self.prompt_ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(self.prompt_ids) - 1)  # at least one token to get logits from
-        d.rewind(common)
-        d.reserve(len(self.prompt_ids) + self.max_new)
-        return d.forward(self.prompt_ids[common:])
+        held = d.reuse(self.prompt_ids)
+        d.cache.reserve(len(self.prompt_ids) + self.max_new)
+        return d.prefill(self.prompt_ids[held:])
 
     def _steps(self) -> Iterator[Step]:
         cfg, model = self.config, self.model
         sampler = make_sampler(cfg.sampling)
         stops = StopStrings(cfg.stop)
         eos = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(model.eos_token_ids))
-        history = np.empty(len(self.prompt_ids) + self.max_new, np.int64)
-        history[: len(self.prompt_ids)] = self.prompt_ids
-        n_hist = len(self.prompt_ids)
         detok = StreamDecoder(model.tokenizer, self.prompt_ids)
         logits = self._prefill()
         if cfg.show_probs:
             self.prompt_top = top_probs(logits, cfg.show_probs)
         for i in range(self.max_new):
             top = top_probs(logits, cfg.show_probs) if cfg.show_probs else None
-            token = sampler(logits, history[:n_hist])
+            token = sampler(logits, self.decoder.tokens)  # the history: everything the cache holds
             if token in eos:
                 self.finish_reason = "eos"
                 break
-            history[n_hist] = token
-            n_hist += 1
             self.completion_ids.append(token)
             text = stops.feed(detok.push(token))
             self._pieces.append(text)
@@ -237,7 +146,7 @@ class Generation:
                 self.finish_reason = "stop"
                 break
             if i + 1 < self.max_new:
-                logits = self.decoder.forward([token])
+                logits = self.decoder.decode_one(token)
         else:
             self.finish_reason = "length"
         tail = stops.feed(detok.flush()) + stops.flush() if not stops.hit else ""

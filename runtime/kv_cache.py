@@ -1,21 +1,41 @@
-"""Per-generation KV cache, bound into an ONNX Runtime IOBinding.
+"""What one sequence has cached, bound into an ONNX Runtime IOBinding: one class per layout.
 
-shared  one buffer per layer and per K/V, (1, kv_heads, capacity, head_dim), bound as
-        both past_key_values.{i}.* and present.{i}.*: the attention op appends in place,
-        nothing is copied or reallocated per token. Needs a graph whose manifest says
-        kv_buffer == "shared" (GroupQueryAttention).
-concat  any graph with the standard I/O (optimum's too): present.{i}.* comes back as a
-        new ORT-owned value, (1, kv_heads, length, head_dim), and is bound as the next past.
+Every cache owns, per slot (one sequence; there is one slot today, and the leading axis
+of every buffer is there so a later change can decode several sequences in one run):
+
+    ids   (slots, capacity) int64   the tokens held, then the ones being fed this step
+    mask  (slots, capacity) int64   1 over the held and fed positions, 0 after
+    pos   (capacity,)       int64   position ids, for graphs that take them
+    K, V  per layer, the layout's own buffers (below)
+
+and the verbs every caller uses:
+
+    stage(tokens)       put this step's new tokens after the held ones
+    bind(binding, n)    bind the step's inputs (ids, mask, positions) and past/present
+    advance(n, b)       after the run: the n staged tokens are now held
+    rewind(n)           forget the last n tokens (rejected drafts, a stopped reply)
+    trim_to(n)          keep the first n tokens (a shared prefix, a context that overflows)
+    fork()              an independent copy of what is held (a prefix continued two ways)
+
+SharedKVCache   (slots, kv_heads, capacity, head_dim) per layer and per K/V, bound as both
+                past_key_values.{i}.* and present.{i}.*: the attention op appends in place,
+                so nothing is copied or reallocated per token. Needs a graph whose manifest
+                says KVLayout.SHARED (GroupQueryAttention).
+ConcatKVCache   any graph with the standard I/O (optimum's too): present.{i}.* comes back as
+                a new ORT-owned value, (slots, kv_heads, length, head_dim), and is bound as
+                the next past. The graph never writes into a past, so a fork shares them.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from . import contract as io
+from .contract import KVLayout
 from .session import GraphIO
-
 
 ALIGN = 64  # bytes: ONNX Runtime's own allocator aligns to 64, numpy's malloc only to 16
 
@@ -32,71 +52,180 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     return raw[start:start + size].view(dtype).reshape(shape)
 
 
-def _names(layers: int):
-    for i in range(layers):
-        yield io.past_key(i), io.present_key(i)
-        yield io.past_value(i), io.present_value(i)
+def _grown(old: np.ndarray, capacity: int, keep: int) -> np.ndarray:
+    """A zeroed aligned copy of `old` whose last axis is `capacity` long, its first `keep` kept."""
+    new = aligned_zeros(old.shape[:-1] + (capacity,), old.dtype)
+    new[..., :keep] = old[..., :keep]
+    return new
 
 
 class KVCache:
-    def __init__(self, gio: GraphIO, shared: bool, capacity: int, device: str = "cpu"):
-        self.gio, self.shared, self.device = gio, shared, device
+    """The layout-independent part: token ids, attention mask, positions, length."""
+
+    slots = 1
+
+    def __init__(self, gio: GraphIO, capacity: int, device: str = "cpu"):
+        self.gio, self.device = gio, device
         self.length = 0  # tokens held
-        self.capacity = 0
-        self._values: dict[str, ort.OrtValue] = {}  # past name -> value
-        self._bound = False  # shared mode: the binding already holds the current buffers
-        if shared:
-            self.reserve(capacity)
-        else:
-            empty = np.zeros((1, gio.num_kv_heads, 0, gio.head_dim), gio.kv_dtype)
-            self._values = {past: self._ortvalue(empty) for past, _ in _names(gio.num_layers)}
+        self.ids = aligned_zeros((self.slots, capacity), np.int64)
+        self.mask = aligned_zeros((self.slots, capacity), np.int64)
+        self.pos = np.arange(capacity, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(length,) int64 view of the tokens held."""
+        return self.ids[0, : self.length]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` tokens, keeping what is held."""
+        if capacity > self.capacity:
+            self.ids = _grown(self.ids, capacity, self.length)
+            self.mask = _grown(self.mask, capacity, self.length)
+            self.pos = np.arange(capacity, dtype=np.int64)
+            self._grow_kv(capacity)
+
+    def stage(self, tokens: Sequence[int]) -> int:
+        """Write this step's tokens after the held ones; returns how many."""
+        n, start = len(tokens), self.length
+        self.reserve(start + n)
+        self.ids[0, start:start + n] = tokens
+        self.mask[0, start:start + n] = 1
+        return n
+
+    def bind(self, binding: ort.IOBinding, n: int) -> None:
+        """Bind a run over the n staged tokens: ids, mask, positions, pasts and presents."""
+        start = self.length
+        binding.bind_input(io.INPUT_IDS, "cpu", 0, np.int64, [1, n], self.ids[0, start:].ctypes.data)
+        binding.bind_input(io.ATTENTION_MASK, "cpu", 0, np.int64, [1, self._mask_length(n)], self.mask.ctypes.data)
+        if self.gio.has_position_ids:
+            binding.bind_input(io.POSITION_IDS, "cpu", 0, np.int64, [1, n], self.pos[start:].ctypes.data)
+        self._bind_kv(binding)
+
+    def advance(self, n: int, binding: ort.IOBinding) -> None:
+        """After the run: the n staged tokens are held."""
+        self.length += n
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot rewind {n} of {self.length} tokens")
+        self.trim_to(self.length - n)
+
+    def trim_to(self, n: int) -> None:
+        """Keep the first n tokens."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot keep {n} of {self.length} tokens")
+        self.mask[:, n:] = 0
+        self._trim_kv(n)
+        self.length = n
+
+    def fork(self) -> "KVCache":
+        """An independent cache holding the same tokens; either may go on alone."""
+        twin = object.__new__(type(self))
+        twin.gio, twin.device, twin.length = self.gio, self.device, self.length
+        twin.ids, twin.mask, twin.pos = self.ids.copy(), self.mask.copy(), self.pos
+        self._fork_kv(twin)
+        return twin
+
+    # ---- the layout's part ---------------------------------------------------------------
+    def _mask_length(self, n: int) -> int:
+        return self.length + n
+
+    def _grow_kv(self, capacity: int) -> None:
+        pass
+
+    def _bind_kv(self, binding: ort.IOBinding) -> None:
+        raise NotImplementedError
+
+    def _trim_kv(self, n: int) -> None:
+        pass
+
+    def _fork_kv(self, twin: "KVCache") -> None:
+        raise NotImplementedError
 
     def _ortvalue(self, arr: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
 
-    def reserve(self, capacity: int) -> None:
-        """Shared mode: make room for `capacity` tokens, keeping what is cached."""
-        if not self.shared or capacity <= self.capacity:
+
+class SharedKVCache(KVCache):
+    """One (slots, kv_heads, capacity, head_dim) buffer per past name, written in place."""
+
+    def __init__(self, gio: GraphIO, capacity: int, device: str = "cpu"):
+        super().__init__(gio, capacity, device)
+        shape = (self.slots, gio.num_kv_heads, capacity, gio.head_dim)
+        self._set_buffers({past: aligned_zeros(shape, gio.kv_dtype) for past, _ in io.kv_names(gio.num_layers)})
+
+    def _set_buffers(self, arrays: dict[str, np.ndarray]) -> None:
+        # On CPU an OrtValue wraps the numpy memory itself; on CUDA it is a device copy.
+        self._values = {past: self._ortvalue(a) for past, a in arrays.items()}
+        self._arrays = arrays if self.device == "cpu" else None
+        self._bound = False  # the binding must learn the new buffers
+
+    def _array(self, past: str) -> np.ndarray:
+        return self._arrays[past] if self._arrays is not None else self._values[past].numpy()
+
+    def _mask_length(self, n: int) -> int:
+        # Single-token steps see the whole (1, capacity) mask: the same shapes every step,
+        # so ONNX Runtime plans its memory once instead of once per length.
+        return self.capacity if n == 1 else self.length + n
+
+    def _grow_kv(self, capacity: int) -> None:
+        self._set_buffers({past: self._copy(self._array(past), capacity) for past in self._values})
+
+    def _copy(self, src: np.ndarray, capacity: int) -> np.ndarray:
+        """A new buffer of `capacity` positions holding src's first `length`."""
+        new = aligned_zeros(src.shape[:2] + (capacity,) + src.shape[3:], src.dtype)
+        new[:, :, : self.length] = src[:, :, : self.length]
+        return new
+
+    def _bind_kv(self, binding: ort.IOBinding) -> None:
+        # The buffers stay bound between steps: rebinding 2 x layers values costs ~0.4 ms a token.
+        if self._bound:
             return
-        shape = (1, self.gio.num_kv_heads, capacity, self.gio.head_dim)
-        for past, _ in _names(self.gio.num_layers):
-            buf = aligned_zeros(shape, self.gio.kv_dtype)
-            old = self._values.get(past)
-            if old is not None and self.length:
-                buf[:, :, : self.length] = old.numpy()[:, :, : self.length]
-            self._values[past] = self._ortvalue(buf)
-        self.capacity = capacity
-        self._bound = False
+        for past, present in io.kv_names(self.gio.num_layers):
+            binding.bind_ortvalue_input(past, self._values[past])
+            binding.bind_ortvalue_output(present, self._values[past])  # same memory: written in place
+        self._bound = True
 
-    def bind(self, binding: ort.IOBinding) -> list[str]:
-        """Bind pasts and presents; returns the output names in the order bound. Shared
-        buffers stay bound between steps (rebinding 2 x layers values costs ~0.4 ms a token)."""
-        presents = [present for _, present in _names(self.gio.num_layers)]
-        if self.shared and self._bound:
-            return presents
-        self._bound = self.shared
-        for past, present in _names(self.gio.num_layers):
-            value = self._values[past]
-            binding.bind_ortvalue_input(past, value)
-            if self.shared:
-                binding.bind_ortvalue_output(present, value)  # same memory: written in place
-            else:
-                binding.bind_output(present, self.device)
-        return presents
+    # _trim_kv: nothing to do; positions past the length are masked out and overwritten.
 
-    def advance(self, n: int, outputs: dict[str, ort.OrtValue]) -> None:
-        """After a run over n new tokens: the presents become the next pasts."""
+    def _fork_kv(self, twin: KVCache) -> None:
+        twin._set_buffers({past: self._copy(self._array(past), self.capacity) for past in self._values})
+
+
+class ConcatKVCache(KVCache):
+    """Per past name the ORT value of exactly `length` positions; presents are new values."""
+
+    def __init__(self, gio: GraphIO, capacity: int, device: str = "cpu"):
+        super().__init__(gio, capacity, device)
+        empty = np.zeros((self.slots, gio.num_kv_heads, 0, gio.head_dim), gio.kv_dtype)
+        self._values = {past: self._ortvalue(empty) for past, _ in io.kv_names(gio.num_layers)}
+
+    def _bind_kv(self, binding: ort.IOBinding) -> None:
+        for past, present in io.kv_names(self.gio.num_layers):
+            binding.bind_ortvalue_input(past, self._values[past])
+            binding.bind_output(present, self.device)
+
+    def advance(self, n: int, binding: ort.IOBinding) -> None:
+        presents = binding.get_outputs()[-2 * self.gio.num_layers:]  # bound last, in kv_names order
+        self._values = {past: value for (past, _), value in zip(io.kv_names(self.gio.num_layers), presents)}
         self.length += n
-        if not self.shared:
-            for past, present in _names(self.gio.num_layers):
-                self._values[past] = outputs[present]
 
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (shared mode only rewinds the count)."""
-        if length > self.length:
-            raise ValueError("cannot truncate forward")
-        if not self.shared and length < self.length:
-            for past in list(self._values):
-                kept = np.ascontiguousarray(self._values[past].numpy()[:, :, :length])
-                self._values[past] = self._ortvalue(kept)
-        self.length = length
+    def _trim_kv(self, n: int) -> None:
+        if n < self.length:
+            self._values = {past: self._ortvalue(np.ascontiguousarray(v.numpy()[:, :, :n]))
+                            for past, v in self._values.items()}
+
+    def _fork_kv(self, twin: KVCache) -> None:
+        twin._values = dict(self._values)  # read-only to the graph: shared until either side moves on
+
+
+LAYOUTS: dict[KVLayout, type[KVCache]] = {KVLayout.SHARED: SharedKVCache, KVLayout.CONCAT: ConcatKVCache}
+
+
+def make_cache(gio: GraphIO, layout: KVLayout, capacity: int, device: str = "cpu") -> KVCache:
+    return LAYOUTS[layout](gio, capacity, device)

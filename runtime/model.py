@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Sequence
 
 from . import artifact
 from . import contract as io
-from .contract import Manifest, read_json_object
+from .adapters import read_manifest
+from .bundle import Unpacked, is_bundle, unpacking
+from .contract import Manifest, find_chat_template, read_json_object
 from .errors import BadArgumentError, BadModelFileError
 from .external_data import check_external_data
 from .session import GraphIO, make_session
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # imported where used: they load in the worker beside the ses
     from tokenizers import Tokenizer
 
     from .chat_template import ChatTemplate
-    from .generate import Decoder, Generation, GenerationConfig
+    from .decoder import Decoder
+    from .generate import Generation, GenerationConfig
 
 
 class Model:
@@ -42,17 +45,17 @@ class Model:
         self.tokenizer, self.chat_template, self.provider = tokenizer, chat_template, provider
         self.graph_io = GraphIO.from_session(session, str(folder / io.GRAPH_NAME), manifest.num_kv_heads,
                                              manifest.head_dim)
-        self.shared_kv = manifest.kv_buffer == "shared"
+        self.kv_layout = manifest.kv_layout
         self.device = "cuda" if provider == "cuda" else "cpu"
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
         folder = Path(folder)
-        if artifact.is_bundle(folder):
+        if is_bundle(folder):
             # Every file is checked against SHA256SUMS before use; the weight data (the bulk)
             # is hashed where it lies in the bundle, beside the session build, and a mismatch
             # discards the session unrun.
-            with artifact.unpacking(folder) as opened:
+            with unpacking(folder) as opened:
                 model = cls._load_folder(opened.folder, provider, threads, opened)
             model.folder = folder  # the unpacked files are gone; the session holds what it needs
             return model
@@ -60,15 +63,15 @@ class Model:
 
     @classmethod
     def _load_folder(cls, folder: Path, provider: str, threads: int | None,
-                     bundle: artifact.Unpacked | None = None) -> "Model":
+                     bundle: Unpacked | None = None) -> "Model":
         if not folder.is_dir():
             raise BadModelFileError(f"{folder}: not a model folder; run 'edgellama export' first")
-        manifest = _load_manifest(folder)
+        manifest = read_manifest(folder)
         plan = artifact.load_plan(folder, manifest, provider)
         check = bundle.check if bundle is not None else None
         graph, data_folder = plan.graph, None
         if bundle is not None and bundle.graph is not None and Path(plan.graph).name == io.GRAPH_NAME:
-            graph, data_folder = bundle.graph, bundle.data_folder  # entries checked by artifact.unpacking
+            graph, data_folder = bundle.graph, bundle.data_folder  # entries checked by unpacking (bundle.py)
         # The tokenizer and template load beside the session build. The session is built on
         # this thread: built in a worker, its weights land in that thread's malloc arena, and
         # decode measured ~5 % slower (SmolLM2 int4, 3 of 4 A/B pairs). onnxruntime releases
@@ -175,7 +178,8 @@ class ChatSession:
 
     def stream(self, user_text: str) -> Generation:
         """Generate the reply to `user_text`; the reply joins the history when consumed."""
-        from .generate import Decoder, Generation
+        from .decoder import Decoder
+        from .generate import Generation
 
         messages = self.messages + [{"role": "user", "content": user_text}]
         ids = self.model.render_chat(messages)
@@ -191,56 +195,6 @@ class ChatSession:
         for _ in gen:
             pass
         return gen.text
-
-
-def _load_manifest(folder: Path) -> Manifest:
-    """Ours, or one derived from genai_config.json (onnxruntime-genai's builder) or from
-    config.json (`optimum-cli export onnx`)."""
-    if (folder / io.MANIFEST_NAME).is_file():
-        return Manifest.load(folder)
-    if (folder / "genai_config.json").is_file():
-        return _manifest_from_genai(folder)
-    if not (folder / "config.json").is_file():
-        return Manifest.load(folder)  # raises: names the missing manifest
-    cfg = read_json_object(folder / "config.json")
-    gen = read_json_object(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    tok_cfg = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    try:
-        heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
-        return Manifest(
-            architecture=(cfg.get("architectures") or ["unknown"])[0], num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=hidden, num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
-            head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
-            context_length=int(cfg.get("max_position_embeddings", 2048)), dtype="fp32", weights="fp32",
-            attention="standard", kv_buffer="concat", bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            add_bos_token=bool(tok_cfg.get("add_bos_token", False)), source={"format": "optimum"},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadModelFileError(f"{folder / 'config.json'}: cannot describe this model ({exc!r})") from None
-
-
-def _manifest_from_genai(folder: Path) -> Manifest:
-    cfg = read_json_object(folder / "genai_config.json")
-    try:
-        model, dec = cfg["model"], cfg["model"]["decoder"]
-        if dec.get("filename", io.GRAPH_NAME) != io.GRAPH_NAME:
-            raise BadModelFileError(f"{folder}: genai graph is {dec.get('filename')!r}; expected {io.GRAPH_NAME}")
-        eos = model.get("eos_token_id", [])
-        shared = bool(cfg.get("search", {}).get("past_present_share_buffer", False))
-        return Manifest(
-            architecture=str(model.get("type", "unknown")), num_layers=int(dec["num_hidden_layers"]),
-            hidden_size=int(dec["hidden_size"]), num_heads=int(dec["num_attention_heads"]),
-            num_kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
-            vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
-            dtype="fp32", weights="unknown", attention="gqa" if shared else "standard",
-            kv_buffer="shared" if shared else "concat", bos_token_id=model.get("bos_token_id"),
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos), add_bos_token=False,
-            source={"format": "onnxruntime-genai"},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadModelFileError(f"{folder / 'genai_config.json'}: cannot describe this model ({exc!r})") from None
 
 
 def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, threading.Event] | None = None
@@ -285,9 +239,9 @@ def _wait_for_session_build(thread: int, building: threading.Event, poll_s: floa
 def _load_tokenizer(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
-    path = folder / "tokenizer.json"
+    path = folder / io.TOKENIZER_NAME
     if not path.is_file():
-        raise BadModelFileError(f"{path}: tokenizer.json is missing; re-export the model")
+        raise BadModelFileError(f"{path}: {io.TOKENIZER_NAME} is missing; re-export the model")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
@@ -295,15 +249,13 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
 
 
 def _load_chat_template(folder: Path, tokenizer: Tokenizer, manifest: Manifest) -> ChatTemplate | None:
-    path = folder / "chat_template.jinja"
-    source = path.read_text(encoding="utf-8") if path.is_file() else None
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
-    source = source or cfg.get("chat_template")
+    source = find_chat_template(folder)
     if not source:
         return None
     from .chat_template import ChatTemplate
 
+    cfg_path = folder / io.TOKENIZER_CONFIG_NAME
+    cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
     token = lambda tid: tokenizer.id_to_token(tid) if tid is not None else None  # noqa: E731
     eos = manifest.eos_token_ids[0] if manifest.eos_token_ids else None
     return ChatTemplate(source, bos_token=_text(cfg.get("bos_token")) or token(manifest.bos_token_id),

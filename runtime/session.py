@@ -33,7 +33,7 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
         raise BadArgumentError(f"threads is {threads}; give a number >= 1 (or leave it out for the physical cores)")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads or _physical_cores()
+    opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not optimize:
@@ -52,7 +52,9 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
         raise BadModelFileError(f"{where}: onnxruntime cannot load this graph ({first}); re-export the model") from None
 
 
-def _physical_cores() -> int:
+def default_threads() -> int:
+    """onnxruntime's intra-op threads when none are asked for: the physical cores, guessed as
+    half the logical ones on machines large enough to have SMT."""
     n = os.cpu_count() or 1
     return max(1, n // 2) if n >= 8 else n
 

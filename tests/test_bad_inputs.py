@@ -493,6 +493,21 @@ def _already_quantized(env):
     return ["quantize", env.model(), env.out]
 
 
+@case("chat-template-not-utf8", "model folder whose chat_template.jinja is Latin-1 text", "chat_template.jinja",
+      "not UTF-8", "save it as UTF-8")
+def _template_not_utf8(env):
+    (env.model() / "chat_template.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    return ["run", env.model(), "--prompt", "the quick", "--chat"]
+
+
+@case("chat-template-wrong-type", "tokenizer_config.json's chat_template is a number", "tokenizer_config.json",
+      "chat_template is a int", "fix the file")
+def _template_wrong_type(env):
+    (env.model() / "chat_template.jinja").unlink()
+    edit_json(env.model() / "tokenizer_config.json", lambda c: c.update(chat_template=42))
+    return ["run", env.model(), "--prompt", "the quick", "--chat"]
+
+
 @case("chat-template-hostile", "run --chat with a template that reaches for `__class__`", "chat template", "unsafe")
 def _template_hostile(env):
     (env.model() / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
@@ -601,7 +616,7 @@ def _output_not_writable(env):
 
 
 def _fail_third_weight(env: Env, exc: BaseException) -> None:
-    from edgellama.exporter.graph import GraphWriter
+    from edgellama.buildkit.graph_writer import GraphWriter
 
     real, calls = GraphWriter.weight_chunks, []
 

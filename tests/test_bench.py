@@ -25,6 +25,17 @@ def test_bench_json_on_tiny_model(tiny_factory, tmp_path):
     assert data["ttft_cold_s"]["median"] > data["ttft_warm_s"]["median"]
 
 
+def test_bench_reports_the_threads_the_session_used(tiny_factory, tmp_path):
+    from edgellama.runtime.session import default_threads
+
+    folder, _ = tiny_factory()
+    export(folder, tmp_path / "m")
+    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--new-tokens", "4",
+                                  "--runs", "1", "--no-cold", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["threads"] == default_threads()
+
+
 def test_bench_rejects_bad_counts(tiny_factory, tmp_path):
     folder, _ = tiny_factory()
     export(folder, tmp_path / "m")

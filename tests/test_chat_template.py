@@ -307,3 +307,72 @@ def test_compile_runs_no_filter_code():
     assert time.monotonic() - start < 0.5
     with pytest.raises(BadModelFileError, match="limit"):
         template.render(MESSAGES["user"])
+
+
+# ---- finding the template: one lookup (runtime.contract.find_chat_template) for exporter and runtime ----
+
+NAMED = [{"name": "tool_use", "template": "{{ 'tools' }}"},
+         {"name": "default", "template": "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from conftest import make_tiny
+
+    from edgellama.exporter.export import export
+
+    base = tmp_path_factory.mktemp("templates")
+    make_tiny(base / "hf")
+    export(base / "hf", base / "onnx")
+    return base
+
+
+def _with_config_template(folder, value):
+    import json
+
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = value
+    path.write_text(json.dumps(cfg))
+
+
+def test_named_templates_are_read_the_same_by_exporter_and_runtime(tiny_export, tmp_path):
+    import shutil
+
+    from edgellama.exporter.export import export
+    from edgellama.runtime.model import Model
+
+    hf, model_dir = tmp_path / "hf", tmp_path / "model"
+    shutil.copytree(tiny_export / "hf", hf)
+    shutil.copytree(tiny_export / "onnx", model_dir)
+    _with_config_template(hf, NAMED)
+    _with_config_template(model_dir, NAMED)
+    expected = "[user]hi"
+    export(hf, tmp_path / "exported")
+    assert Model.load(tmp_path / "exported").chat_template.render([{"role": "user", "content": "hi"}]) == expected
+    assert Model.load(model_dir).chat_template.render([{"role": "user", "content": "hi"}]) == expected
+
+
+def test_non_utf8_template_is_one_clear_error(tiny_export, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgellama.cli import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_export / "onnx", model_dir)
+    (model_dir / "chat_template.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    r = CliRunner().invoke(main, ["run", str(model_dir), "--chat", "--prompt", "hi", "--max-new-tokens", "2"])
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "chat_template.jinja" in lines[0] and "UTF-8" in lines[0], r.stderr
+    with pytest.raises(BadModelFileError, match="not UTF-8"):
+        shutil.copy(model_dir / "chat_template.jinja", tiny_export / "hf" / "chat_template.jinja")
+        try:
+            from edgellama.exporter.export import export
+
+            export(tiny_export / "hf", tmp_path / "again")
+        finally:
+            (tiny_export / "hf" / "chat_template.jinja").unlink()

@@ -17,13 +17,15 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import PROMPT_IDS, make_tiny
+from edgellama.buildkit.quant_options import QuantOptions
 from edgellama.cli import main
 from edgellama.deploy import compile as compile_mod
 from edgellama.deploy.bundle import ALIGN, pack
 from edgellama.deploy.compile import CompileOptions, compile_folder
 from edgellama.exporter.export import ExportOptions, export
-from edgellama.quantize.rewrite import QuantOptions, quantize_folder
+from edgellama.quantize.rewrite import quantize_folder
 from edgellama.runtime import artifact
+from edgellama.runtime.bundle import parse_sums, unpacking
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError, OutputExistsError
 from edgellama.runtime.model import Model
 
@@ -219,7 +221,7 @@ def test_bundle_round_trips(compiled, bundle, tmp_path, monkeypatch):
     (tmp_path / "scratch").mkdir()
     with zipfile.ZipFile(bundle) as zf:
         infos = {i.filename: i for i in zf.infolist()}
-        sums = artifact.parse_sums(zf.read("SHA256SUMS").decode())
+        sums = parse_sums(zf.read("SHA256SUMS").decode())
     files = {p.name for p in compiled.iterdir()}
     assert set(infos) == files | {"SHA256SUMS"} and set(sums) == files
     for name in files:
@@ -267,7 +269,7 @@ def test_bundle_weights_are_read_in_place(tiny, tmp_path):
     compile_folder(tiny / "int4", folder)  # prepacked: entries carry 'prepacked_N' spans too
     bundle = tmp_path / "m.edgellama"
     pack(folder, bundle)
-    with artifact.unpacking(bundle) as opened:
+    with unpacking(bundle) as opened:
         assert opened.graph is not None and opened.data_folder == bundle.resolve().parent
         assert not (opened.folder / "model.onnx.data").exists()
         moved = onnx.load_from_string(opened.graph)
@@ -297,7 +299,7 @@ def test_bundle_graph_pointing_elsewhere_falls_back_to_copying(tiny, tmp_path):
     onnx.save(graph, folder / "model.onnx")
     bundle = tmp_path / "b.edgellama"
     pack(folder, bundle)
-    with artifact.unpacking(bundle) as opened:
+    with unpacking(bundle) as opened:
         assert opened.graph is None and (opened.folder / "model.onnx.data").is_file()
     with pytest.raises(BadModelFileError, match="truncated"):
         Model.load(bundle)  # the checksums match: the graph itself is wrong, and says so
@@ -313,14 +315,14 @@ def chunked(compiled, tmp_path) -> Path:
 
 def test_chunked_checksums_cover_the_weights_and_load(compiled, chunked):
     with zipfile.ZipFile(chunked) as zf:
-        sums = artifact.parse_sums(zf.read("SHA256SUMS").decode())
+        sums = parse_sums(zf.read("SHA256SUMS").decode())
         record = json.loads(zf.read("SHA256CHUNKS"))
     data = (compiled / "model.onnx.data").read_bytes()
     assert sums["SHA256CHUNKS"] == hashlib.sha256(json.dumps(record, indent=1).encode()).hexdigest()
     assert record["chunk_bytes"] == 4096 and len(record["files"]["model.onnx.data"]) == -(-len(data) // 4096) > 2
     assert record["files"]["model.onnx.data"] == [hashlib.sha256(data[i:i + 4096]).hexdigest()
                                                   for i in range(0, len(data), 4096)]
-    with artifact.unpacking(chunked) as opened:
+    with unpacking(chunked) as opened:
         assert not (opened.folder / "SHA256CHUNKS").exists()  # read, checked, not unpacked
         opened.check()
     assert greedy(chunked, TINY_PROMPT, 16) == greedy(compiled, TINY_PROMPT, 16)

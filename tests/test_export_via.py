@@ -15,9 +15,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from edgellama.buildkit.quant_options import QuantOptions
+from edgellama.buildkit.schemes import quantize
 from edgellama.cli import main
-from edgellama.quantize.rewrite import QuantOptions, quantize_folder
-from edgellama.quantize.schemes import quantize
+from edgellama.quantize.rewrite import quantize_folder
 from edgellama.runtime.contract import Manifest
 
 RNG = np.random.default_rng(7)

@@ -218,7 +218,7 @@ def test_junk_config_values_give_clean_errors(tiny_factory):
 @given(st.data())
 def test_junk_gguf_metadata_gives_clean_errors(smollm2_metadata, data):
     from edgellama.exporter.config import ModelConfig
-    from edgellama.exporter.tokenizer import tokenizer_from_gguf
+    from edgellama.exporter.tokenizer_gguf import tokenizer_from_gguf
 
     meta, names = smollm2_metadata.meta, smollm2_metadata.names
     key = data.draw(st.sampled_from(sorted(meta) + ["llama.vocab_size", "llama.rope.scaling.type",

@@ -9,13 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import PROMPT_IDS
+from edgellama.buildkit.gguf_blocks import from_gguf
+from edgellama.buildkit.quant_options import QuantOptions
+from edgellama.buildkit.schemes import SCHEMES, concat_rows, quantize
 from edgellama.cli import main
 from edgellama.exporter.export import ExportOptions, export
-from edgellama.quantize.gguf_blocks import from_gguf
-from edgellama.quantize.rewrite import QuantOptions, quantize_folder
-from edgellama.quantize.schemes import SCHEMES, concat_rows, quantize
+from edgellama.quantize.rewrite import quantize_folder
 from edgellama.runtime.errors import BadArgumentError
-from edgellama.runtime.evaluate import evaluate, full_logits
+from edgellama.tools.evaluate import evaluate, full_logits
 from edgellama.runtime.model import Model
 
 RNG = np.random.default_rng(0)
@@ -128,8 +129,8 @@ def _run_matmul_nbits(bq, x: np.ndarray, level: int, folder) -> np.ndarray:
     import onnxruntime as ort
     from onnx import helper
 
-    from edgellama.exporter.graph import GraphWriter
-    from edgellama.quantize.nodes import matmul_nbits
+    from edgellama.buildkit.graph_writer import GraphWriter
+    from edgellama.buildkit.quant_nodes import matmul_nbits
 
     folder.mkdir()
     k = x.shape[1]

@@ -14,7 +14,7 @@ import pytest
 
 from edgellama.exporter.export import ExportOptions, export
 from edgellama.runtime.model import Model
-from edgellama.runtime.soak import load_cycles, long_generation, rss_bytes, run_threads, slope
+from edgellama.tools.soak import load_cycles, long_generation, rss_bytes, run_threads, slope
 
 MB = 2**20
 pytestmark = pytest.mark.skipif(rss_bytes() is None, reason="RSS is read from /proc (Linux)")
@@ -42,10 +42,10 @@ def _excess_after_warmup(samples) -> int:
 _LONG_CHILD = r"""
 import json, sys
 from edgellama.runtime.model import Model
-from edgellama.runtime.soak import long_generation
+from edgellama.tools.soak import long_generation
 model = Model.load(sys.argv[1], threads=1)
 prompt = model.encode("the quick brown fox")
-out = {"shared_kv": model.shared_kv, "prompt": len(prompt)}
+out = {"shared_kv": model.kv_layout.value == "shared", "prompt": len(prompt)}
 for name, seed in (("first", 0), ("second", 1)):
     samples, text = long_generation(model, prompt, 5000, every=500, temperature=0.8, seed=seed)
     out[name] = [[s.tokens, s.seconds, s.rss, s.kv_bytes] for s in samples]
@@ -66,7 +66,7 @@ def test_long_generation_rss_flat(long_context, layout):
     import subprocess
     import sys
 
-    from edgellama.runtime.soak import Sample
+    from edgellama.tools.soak import Sample
 
     run = subprocess.run([sys.executable, "-c", _LONG_CHILD, str(long_context / layout)],
                          capture_output=True, text=True, timeout=600)

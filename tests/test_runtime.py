@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
 from conftest import PROMPT_IDS
 from edgellama.exporter.export import ExportOptions, export
+from edgellama.runtime.contract import KVLayout
 from edgellama.runtime.errors import BadArgumentError, ContextOverflowError
 from edgellama.runtime.generate import StopStrings
 from edgellama.runtime.model import Model
@@ -27,7 +30,7 @@ def test_shared_buffer_equals_concat_path(tiny_factory, tmp_path):
     export(folder, tmp_path / "gqa")
     export(folder, tmp_path / "std", ExportOptions(attention="standard"))
     shared, concat = Model.load(tmp_path / "gqa"), Model.load(tmp_path / "std")
-    assert shared.shared_kv and not concat.shared_kv
+    assert (shared.kv_layout, concat.kv_layout) == (KVLayout.SHARED, KVLayout.CONCAT)
     prompt = list(range(3, 40))  # longer than one chunk would be with a small PREFILL_CHUNK
     a = _ids(shared.generate(prompt, max_new_tokens=30, ignore_eos=True))
     b = _ids(concat.generate(prompt, max_new_tokens=30, ignore_eos=True))
@@ -35,14 +38,14 @@ def test_shared_buffer_equals_concat_path(tiny_factory, tmp_path):
 
 
 def test_chunked_prefill_equals_one_pass(tiny_factory, tmp_path, monkeypatch):
-    from edgellama.runtime import generate
+    from edgellama.runtime import decoder
 
     folder, _ = tiny_factory()
     export(folder, tmp_path / "m")
     model = Model.load(tmp_path / "m")
     prompt = list(range(3, 60))
     whole = _ids(model.generate(prompt, max_new_tokens=10, ignore_eos=True))
-    monkeypatch.setattr(generate, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 7)
     assert _ids(model.generate(prompt, max_new_tokens=10, ignore_eos=True)) == whole
 
 
@@ -136,7 +139,7 @@ def test_folder_described_by_genai_config_only(smollm2_onnx, tmp_path):
     shutil.copytree(smollm2_onnx, folder)
     (folder / "edgellama.json").unlink()
     model = Model.load(folder, threads=2)
-    assert model.shared_kv and model.manifest.source["format"] == "onnxruntime-genai"
+    assert model.kv_layout is KVLayout.SHARED and model.manifest.source["format"] == "onnxruntime-genai"
     assert model.generate_text(PROMPT_IDS, max_new_tokens=12).startswith(" make things more efficient")
 
 
@@ -156,57 +159,147 @@ def test_chat_cli_with_piped_stdin(smollm2_onnx):
 
 
 # ---- loading: the tokenizer waits for the session build to release the GIL ------------------
+# _wait_for_session_build reads the clock through model.time. With a clock that moves only when
+# the test moves it, each way out of the wait (recognized at once, unmoved for settle_s, gave up,
+# build over) is a matter of what happened in which order, not of how long a sleep took.
 
-def _waiter(target: threading.Thread, building: threading.Event, **kw) -> float:
-    import time
+class _Clock:
+    """Stands in for model.time: monotonic() moves only when told; sleep() yields for real."""
 
+    def __init__(self):
+        self.now, self.polls = 0.0, 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.polls += 1
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> _Clock:
+    from edgellama.runtime import model
+
+    fake = _Clock()
+    monkeypatch.setattr(model, "time", fake)
+    return fake
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30  # only guards against a hang
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def _create_inference_session(events: list, held: threading.Lock) -> None:
+    """Stands in for onnxruntime's method of that name, blocked without the GIL."""
+    events.append("builder blocks")
+    held.acquire(timeout=60)  # sess.initialize_session(...)
+    events.append("builder resumes")
+
+
+def _blocked(events: list, held: threading.Lock) -> None:
+    events.append("builder blocks")
+    held.acquire(timeout=60)  # some other GIL-free call
+    events.append("builder resumes")
+
+
+@contextmanager
+def _builder(where, events: list):
+    """A thread blocked in `where` (a C call, GIL released) until the block ends."""
+    held = threading.Lock()
+    held.acquire()
+    thread = threading.Thread(target=where, args=(events, held))
+    thread.start()
+    try:
+        _until(lambda: events, "the builder never started")
+        yield thread
+    finally:
+        held.release()
+        thread.join(60)
+
+
+def _waiter(builder: threading.Thread, building: threading.Event, events: list, **kw) -> threading.Thread:
     from edgellama.runtime.model import _wait_for_session_build
 
-    t = time.monotonic()
-    _wait_for_session_build(target.ident, building, **kw)
-    return time.monotonic() - t
+    def wait() -> None:
+        _wait_for_session_build(builder.ident, building, **kw)
+        events.append("waiter returns")
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
 
 
-def _create_inference_session(go: threading.Event, seconds: float) -> None:
-    """Stands in for onnxruntime's method of that name, blocked without the GIL."""
-    import time
-
-    go.wait()
-    time.sleep(seconds)  # sess.initialize_session(...)
+def _building() -> threading.Event:
+    building = threading.Event()
+    building.set()
+    return building
 
 
-def _blocked(go: threading.Event, seconds: float) -> None:
-    import time
+def test_wait_returns_once_the_builder_is_inside_initialize_session(clock):
+    """Recognized by its source line: no settling, no giving up (the clock never moves)."""
+    events = []
+    with _builder(_create_inference_session, events) as builder:
+        waiter = _waiter(builder, _building(), events, settle_s=1.0, give_up_s=1.0)
+        waiter.join(30)
+        assert not waiter.is_alive() and builder.is_alive()
+    assert events == ["builder blocks", "waiter returns", "builder resumes"]
+    assert clock.now == 0.0
 
-    go.wait()
-    time.sleep(seconds)  # some other GIL-free call
 
-
-@pytest.mark.parametrize("where, settle, low, high", [
-    (_create_inference_session, 2.0, 0.0, 0.5),  # recognized at once, long before settle_s
-    (_blocked, 0.1, 0.09, 0.9),  # anything else: once unmoved for settle_s
+@pytest.mark.parametrize("limits, limit", [
+    (dict(settle_s=0.1, give_up_s=100.0), 0.1),  # any other GIL-free call: once unmoved for settle_s
+    (dict(settle_s=100.0, give_up_s=0.3), 0.3),  # never longer than give_up_s
 ])
-def test_wait_returns_once_the_builder_blocks_without_the_gil(where, settle, low, high):
-    building, go = threading.Event(), threading.Event()
-    building.set()
-    target = threading.Thread(target=where, args=(go, 1.0))
-    target.start()
-    try:
-        go.set()
-        assert low <= _waiter(target, building, settle_s=settle, give_up_s=5.0) < high
-    finally:
-        target.join()
+def test_wait_for_any_other_call_ends_when_the_clock_reaches_its_limit(clock, limits, limit):
+    events = []
+    with _builder(_blocked, events) as builder:
+        waiter = _waiter(builder, _building(), events, **limits)
+        for now in (0.0, limit * 0.9):
+            clock.now = now
+            polls = clock.polls
+            _until(lambda: clock.polls >= polls + 20, "the waiter stopped polling")
+            assert waiter.is_alive(), f"returned at {now} s, before {limit} s"
+        clock.now = limit
+        waiter.join(30)
+        assert not waiter.is_alive() and builder.is_alive()
+    assert events == ["builder blocks", "waiter returns", "builder resumes"]
 
 
-def test_wait_gives_up_and_stops_when_the_build_is_over():
-    building, go = threading.Event(), threading.Event()
-    building.set()
-    target = threading.Thread(target=_blocked, args=(go, 1.0))
-    target.start()
-    try:
-        go.set()
-        assert 0.25 <= _waiter(target, building, settle_s=10.0, give_up_s=0.3) < 0.9
+def test_wait_stops_when_the_build_is_over(clock):
+    events = []
+    with _builder(_blocked, events) as builder:
+        building = _building()
+        waiter = _waiter(builder, building, events, settle_s=100.0, give_up_s=100.0)
+        _until(lambda: clock.polls >= 20, "the waiter never polled")
+        assert waiter.is_alive()
         building.clear()
-        assert _waiter(target, building, settle_s=10.0, give_up_s=5.0) < 0.05
-    finally:
-        target.join()
+        waiter.join(30)
+        assert not waiter.is_alive() and builder.is_alive()
+        polls = clock.polls
+        _waiter(builder, building, events).join(30)  # over before the wait begins: no poll at all
+        assert clock.polls == polls
+    assert events == ["builder blocks", "waiter returns", "waiter returns", "builder resumes"]
+
+
+def test_wait_does_not_wait_for_a_thread_that_has_ended(clock):
+    events = []
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    _waiter(ended, _building(), events, settle_s=100.0, give_up_s=100.0).join(30)
+    assert events == ["waiter returns"] and clock.polls == 0
+
+
+def test_chat_on_a_short_context_model(tiny_factory, tmp_path):
+    """The chat's cache is never sized past the context (its rope tables end there), however
+    many new tokens the config allows."""
+    folder, _ = tiny_factory(max_position_embeddings=48)
+    export(folder, tmp_path / "m")
+    chat = Model.load(tmp_path / "m").chat(max_new_tokens=256, ignore_eos=True)
+    gen = chat.stream("hi")
+    list(gen)
+    assert gen.finish_reason == "length" and gen.prompt_tokens + gen.completion_tokens == 48

@@ -1,4 +1,4 @@
-"""Tokenizer files from GGUF metadata and Hugging Face folders (edgellama.exporter.tokenizer).
+"""Tokenizer files from GGUF metadata and Hugging Face folders (edgellama.exporter.tokenizer*).
 
 References: llama.cpp itself (llama_cpp, vocab-only loads) for GGUF files, since llama.cpp is what a
 GGUF is made for; transformers' own GGUF loader and converters where they agree with llama.cpp.
@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from edgellama.exporter.tokenizer import (
-    TokenizerFiles,
-    tokenizer_from_gguf,
-    tokenizer_from_hf,
-    write_tokenizer,
-)
+from edgellama.exporter.tokenizer import TokenizerFiles, write_tokenizer
+from edgellama.exporter.tokenizer_gguf import tokenizer_from_gguf
+from edgellama.exporter.tokenizer_hf import tokenizer_from_hf
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,10 +20,11 @@ import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from conftest import make_tiny  # noqa: E402
 
+from edgellama.buildkit.quant_options import QuantOptions  # noqa: E402
 from edgellama.cli import main  # noqa: E402
 from edgellama.exporter.export import ExportOptions, export  # noqa: E402
-from edgellama.quantize.rewrite import QuantOptions, quantize_folder  # noqa: E402
-from edgellama.runtime.generate import Decoder  # noqa: E402
+from edgellama.quantize.rewrite import quantize_folder  # noqa: E402
+from edgellama.runtime.decoder import Decoder  # noqa: E402
 from edgellama.runtime.model import Model  # noqa: E402
 
 # Phi-3: fused qkv and gate_up projections; Qwen3: q/k norms; Gemma: GeLU, scaled embeddings, tied table.
@@ -62,8 +63,8 @@ def cached_logits(folder, ids, prompt_len=5) -> np.ndarray:
     """(len(ids) - prompt_len + 1, vocab): the prompt's last logits, then one row per cached step."""
     model = Model.load(folder, threads=1)
     dec = Decoder(model, len(ids))
-    rows = [dec.forward(ids[:prompt_len]).copy()]
-    rows += [dec.forward([t]).copy() for t in ids[prompt_len:]]
+    rows = [dec.prefill(ids[:prompt_len]).copy()]
+    rows += [dec.decode_one(t).copy() for t in ids[prompt_len:]]
     return np.stack(rows)
 
 

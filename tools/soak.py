@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .model import Model
+from edgellama.runtime.model import Model
 
 
 def rss_bytes() -> int | None:

@@ -10,7 +10,6 @@ runs, model load time and peak RSS come from those fresh processes (load + first
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -20,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadArgumentError
-from .model import Model
+from edgellama.runtime.errors import BadArgumentError
+from edgellama.runtime.model import Model
+from edgellama.runtime.session import default_threads
 
 _TEXT = ("The history of computing is a story of machines that learned to do more with less: "
          "smaller transistors, lower power, and programs that fit where none fit before. ")
@@ -42,7 +42,7 @@ class Stat:
 class BenchResult:
     model: str
     provider: str
-    threads: int | None
+    threads: int  # onnxruntime intra-op threads, as the session was built
     prompt_tokens: int
     new_tokens: int
     runs: int
@@ -80,7 +80,7 @@ def _one_run(model: Model, ids: list[int], new_tokens: int) -> tuple[float, floa
 def cold_start(folder: Path, provider: str, threads: int | None, n_prompt: int) -> tuple[float, float, float]:
     """In a fresh interpreter: (process start -> first token s, model load s, peak RSS MiB)."""
     code = ("import sys,time,resource;t=float(sys.argv[1]);from edgellama.runtime.model import Model;"
-            "from edgellama.runtime.bench import prompt_ids;l=time.time();"
+            "from edgellama.tools.bench import prompt_ids;l=time.time();"
             "m=Model.load(sys.argv[2],provider=sys.argv[3],threads=int(sys.argv[4]) or None);l=time.time()-l;"
             "g=m.generate(prompt_ids(m,int(sys.argv[5])),max_new_tokens=1,ignore_eos=True);next(iter(g));"
             "print(time.time()-t,l,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
@@ -119,7 +119,7 @@ def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: i
             progress(runs + i + 1, 2 * runs, "cold starts")
         loads, rss = [c[1] for c in colds], max(c[2] for c in colds)
     return BenchResult(
-        model=str(folder), provider=provider, threads=threads, prompt_tokens=prompt_tokens,
+        model=str(folder), provider=provider, threads=threads or default_threads(), prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, runs=runs, load_s=Stat.of(loads),
         prefill_tok_s=Stat.of([r[0] for r in results]), decode_tok_s=Stat.of([r[1] for r in results]),
         ttft_warm_s=Stat.of([r[2] for r in results]), ttft_cold_s=Stat.of([c[0] for c in colds]) if colds else None,
@@ -134,7 +134,7 @@ def format_result(r: BenchResult) -> str:
         return f"{name:24s} {fmt.format(s.median)} {unit}  (min {fmt.format(s.min)}, max {fmt.format(s.max)})"
 
     return "\n".join([
-        f"{r.model}: {r.provider}, threads={r.threads or os.cpu_count()}, {r.prompt_tokens} prompt + "
+        f"{r.model}: {r.provider}, threads={r.threads}, {r.prompt_tokens} prompt + "
         f"{r.new_tokens} new tokens, median of {r.runs}",
         row("prefill", r.prefill_tok_s, "tok/s", "{:.1f}"),
         row("decode", r.decode_tok_s, "tok/s", "{:.1f}"),

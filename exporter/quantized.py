@@ -10,15 +10,16 @@ from typing import Sequence
 
 import numpy as np
 
+from edgellama.buildkit.quant_nodes import gather_block_quantized, matmul_nbits
+from edgellama.buildkit.quant_options import QuantOptions
+from edgellama.buildkit.schemes import BlockQuant, concat_rows, quantize
 from edgellama.runtime import contract as io
 
-from .nodes import gather_block_quantized, matmul_nbits
-from .rewrite import QuantOptions
-from .schemes import BlockQuant, concat_rows, quantize
+from .graph import lm_head
 
 
 class QuantProjections:
-    """Same interface as exporter.graph.FloatProjections."""
+    """Same interface as graph.FloatProjections."""
 
     def __init__(self, options: QuantOptions, dtype: np.dtype):
         self.opt, self.dtype = options, dtype
@@ -54,8 +55,6 @@ class QuantProjections:
         bits = self.opt.table_bits("lm_head")
         key = "embed" if cfg.tie_embeddings or not w.has("lm_head") else "lm_head"
         if bits is None:
-            from edgellama.exporter.graph import lm_head
-
             table = g.weight_chunks(f"{key}.weight", (np.asarray(c, self.dtype) for c in w.row_chunks(key)))
             return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
         same = key == "embed" and self._table is not None and self._table.bits == bits

@@ -3,7 +3,7 @@
 
 Run with the llama.cpp venv's python (llama-cpp-python):
 
-    /work/peers/llamacpp/bin/python benchmarks/llamacpp_ppl.py GGUF IDS.json [--window 512]
+    $PEERS/llamacpp/bin/python benchmarks/peers/llamacpp_ppl.py GGUF IDS.json [--window 512]
 
 IDS.json holds {"ids": [...]} — the text's token ids from edgellama's tokenizer
 (``Model.load(dir).encode(text)``, no BOS), so llama.cpp is scored on exactly the ids the

@@ -1,16 +1,15 @@
 """Graph pieces for block-quantized weights (com.microsoft MatMulNBits, GatherBlockQuantized).
 
 `g` is any graph writer with weight(name, array), const(value) and op(type, inputs, ...)
-(exporter.graph.GraphWriter); shapes: x (..., K) -> (..., N).
+(graph_writer.GraphWriter); shapes: x (..., K) -> (..., N).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .graph_writer import MS
 from .schemes import BlockQuant
-
-MS = "com.microsoft"
 
 
 def matmul_nbits(g, x: str, bq: BlockQuant, name: str, dtype: np.dtype, accuracy_level: int,

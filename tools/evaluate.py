@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import contract as io
-from .errors import BadArgumentError
-from .model import Model
+from edgellama.runtime import contract as io
+from edgellama.runtime.errors import BadArgumentError
+from edgellama.runtime.model import Model
 
 
 _ROWS = 64
