@@ -33,14 +33,13 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from edgellama.buildkit.output import atomic_folder, check_target, copy_model_files
 from edgellama.runtime import artifact
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
-from edgellama.runtime.errors import BadArgumentError, BadModelFileError, MissingExtraError
+from edgellama.runtime.errors import BadArgumentError, BadModelFileError
 
 _LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -139,47 +138,13 @@ def _optimize(graph: Path, out: Path, options: CompileOptions, providers: list[s
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if options.saves_prepacked:
         opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-    source: str | bytes = str(graph)
-    if options.format == "ort":
-        source = _without_optional_inputs(graph)
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
     try:
-        ort.InferenceSession(source, opts, providers=providers)
+        ort.InferenceSession(str(graph), opts, providers=providers)
     except Exception as exc:  # onnxruntime's untyped errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadModelFileError(f"{graph}: onnxruntime cannot optimize this graph ({first})") from None
     if not out.is_file():
         raise BadModelFileError(f"{graph}: onnxruntime wrote no optimized graph; check the model with 'edgellama inspect'")
-
-
-def _without_optional_inputs(graph: Path) -> bytes:
-    """The graph for ORT format, which holds no optional-typed values: the exported graph's
-    optional logits_to_keep becomes a plain int64 input with its default, 0, as an
-    initializer (so callers may still leave it out), and the nodes that read the optional
-    (OptionalHasElement, If) go; the graph computes the same. Needs onnx (the export extra)."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        raise MissingExtraError("compile --format ort needs onnx, which this install lacks: "
-                                "pip install 'edgellama[export]'") from None
-    model = onnx.load(str(graph), load_external_data=False)
-    g = model.graph
-    optional = [i for i in g.input if i.type.HasField("optional_type")]
-    if [i.name for i in optional] not in ([], [io.LOGITS_TO_KEEP]):
-        raise BadModelFileError(f"{graph}: optional inputs {[i.name for i in optional]} cannot be held in ORT format")
-    if not optional:
-        return model.SerializeToString()
-    has = {n.output[0] for n in g.node if n.op_type == "OptionalHasElement" and list(n.input) == [io.LOGITS_TO_KEEP]}
-    chosen = {n.output[0] for n in g.node if n.op_type == "If" and n.input[0] in has}
-    kept = [n for n in g.node if n.output[0] not in has | chosen]
-    for node in kept:
-        node.input[:] = [io.LOGITS_TO_KEEP if name in chosen else name for name in node.input]
-    del g.node[:]
-    g.node.extend(kept)
-    optional[0].CopyFrom(helper.make_tensor_value_info(io.LOGITS_TO_KEEP, TensorProto.INT64, []))
-    g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), io.LOGITS_TO_KEEP))
-    return model.SerializeToString()
 
 
 def write_operator_configs(ort_model: Path, folder: Path) -> None:

@@ -254,30 +254,15 @@ def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: We
 
 
 def keep_last(g: GraphWriter, h: str) -> str:
-    """(B, S, H) -> (B, K, H): the last K = logits_to_keep positions; omitted (or 0) keeps all.
+    """(B, S, H) -> (B, K, H): the last K = num_logits_to_keep positions; 0 keeps all.
 
     A prefill only needs the last position's logits: skipping the others saves the
-    (S, H) x (H, V) product and an (S, V) output. The input is of ONNX's optional type, so
-    a session that does not know it (onnxruntime-genai, a plain InferenceSession) need not
-    feed it, and no initializer doubles as an input (which ORT warns about on every load)."""
-    k = g.fresh("logits_to_keep")
-    value = "logits_to_keep_value"
-    scalar = helper.make_tensor_value_info(value, TensorProto.INT64, [])
-    given = helper.make_graph([helper.make_node("OptionalGetElement", [io.LOGITS_TO_KEEP], [value])],
-                              "logits_to_keep_given", [], [scalar])
-    zero = numpy_helper.from_array(np.array(0, np.int64))
-    default = helper.make_graph([helper.make_node("Constant", [], [value], value=zero)],
-                                "logits_to_keep_default", [], [scalar])
-    has = g.op("OptionalHasElement", [io.LOGITS_TO_KEEP])
-    g.nodes.append(helper.make_node("If", [has], [k], name=k, then_branch=given, else_branch=default))
-    starts = g.op("Unsqueeze", [g.op("Neg", [k]), g.const(np.array([0], np.int64))])
+    (S, H) x (H, V) product and an (S, V) output. The input is onnxruntime-genai's
+    num_logits_to_keep ((1,) int64; genai feeds 0), a plain input: an initializer standing
+    in as its default would make ORT warn on every load."""
+    starts = g.op("Neg", [io.LOGITS_TO_KEEP])
     big = g.const(np.array([np.iinfo(np.int64).max], np.int64))
     return g.op("Slice", [h, starts, big, g.const(np.array([1], np.int64))])
-
-
-def logits_to_keep_input() -> onnx.ValueInfoProto:
-    scalar = helper.make_tensor_type_proto(TensorProto.INT64, [])
-    return helper.make_value_info(io.LOGITS_TO_KEEP, helper.make_optional_type_proto(scalar))
 
 
 def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int) -> str:
@@ -294,7 +279,7 @@ def _model(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan) -> onnx.ModelProto
     kv_shape = lambda seq: ["batch", cfg.num_kv_heads, seq, cfg.head_dim]  # noqa: E731
     inputs = [helper.make_tensor_value_info(io.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info(io.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-              logits_to_keep_input()]
+              helper.make_tensor_value_info(io.LOGITS_TO_KEEP, TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info(io.LOGITS, TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
     for i in range(cfg.num_layers):
         inputs += [helper.make_tensor_value_info(n(i), kv_t, kv_shape("past_seq")) for n in (io.past_key, io.past_value)]

@@ -56,7 +56,6 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
         probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     session = make_session(probe.SerializeToString(), "cpu", threads, external_data_folder=folder)
     gio = GraphIO.from_session(session, str(folder), manifest.num_kv_heads, manifest.head_dim)
-    feed_names = {i.name for i in session.get_inputs()}
     hessians = {name: None for name in names}
     starts = list(range(0, len(ids) - 1, window))
     for n_done, start in enumerate(starts):
@@ -64,8 +63,7 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
         feed = {io.INPUT_IDS: chunk, io.ATTENTION_MASK: np.ones_like(chunk)}
         if gio.has_position_ids:
             feed[io.POSITION_IDS] = np.arange(chunk.shape[1], dtype=np.int64)[None]
-        if io.LOGITS_TO_KEEP in feed_names:
-            feed[io.LOGITS_TO_KEEP] = np.array(1, np.int64)
+        feed.update(gio.keep(1))
         empty = np.zeros((1, gio.num_kv_heads, 0, gio.head_dim), gio.kv_dtype)
         for i in range(gio.num_layers):
             feed[io.past_key(i)] = feed[io.past_value(i)] = empty

@@ -15,7 +15,7 @@ Graph I/O (names shared with optimum and onnxruntime-genai):
   attention_mask                 (batch, total_seq)              int64
   position_ids (optional)        (batch, seq)                    int64
   past_key_values.{i}.key/value  (batch, kv_heads, past_seq, head_dim)  float32|float16
-  logits_to_keep (optional)      ()  omitted = every position    int64
+  num_logits_to_keep             (1,) 0 = every position, K = the last K   int64
   logits                         (batch, seq or keep, vocab)     float32
   present.{i}.key/value          (batch, kv_heads, total_seq, head_dim)
 
@@ -60,9 +60,12 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-# Optional scalar input (an ONNX optional type, so a plain session needs no feed and ORT
-# warns about nothing): logits for the last K positions only; omitted = every position.
-LOGITS_TO_KEEP = "logits_to_keep"
+# (1,) int64: logits for the last K positions only, 0 = every position. The name and shape
+# onnxruntime-genai knows: it feeds 0 to a graph that declares it. A plain input, not an
+# initializer with a default (ORT warns about those on every load), so every caller feeds it.
+LOGITS_TO_KEEP = "num_logits_to_keep"
+# Folders exported before: a scalar "logits_to_keep" with an initializer default of 0.
+LEGACY_LOGITS_TO_KEEP = "logits_to_keep"
 PAST_KEY = "past_key_values.%d.key"
 PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"

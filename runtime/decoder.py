@@ -29,10 +29,10 @@ class Decoder:
         self.cache = cache or make_cache(model.graph_io, model.kv_layout, capacity, model.device)
         self.fed = 0  # tokens run through the graph over this decoder's life
         self._logits = aligned_zeros((1, 1, model.vocab_size), np.float32)  # (batch, keep, vocab)
-        self._keep_one = np.ones((), np.int64)
         self._keeps_last = model.graph_io.has_logits_to_keep
-        if self._keeps_last:  # only the last position's logits are ever needed
-            self.binding.bind_input(io.LOGITS_TO_KEEP, "cpu", 0, np.int64, [], self._keep_one.ctypes.data)
+        for name, one in model.graph_io.keep(1).items():  # only the last position's logits are ever needed
+            self._keep_one = one
+            self.binding.bind_input(name, "cpu", 0, np.int64, list(one.shape), one.ctypes.data)
         self._bind_logits()  # bound first: the cache's presents follow it in get_outputs()
 
     @property

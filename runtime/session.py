@@ -69,7 +69,19 @@ class GraphIO:
     kv_dtype: np.dtype
     vocab_size: int | None
     has_position_ids: bool
-    has_logits_to_keep: bool
+    logits_to_keep: tuple[str, list[int]] | None  # (input name, shape of its value), if the graph has one
+
+    @property
+    def has_logits_to_keep(self) -> bool:
+        return self.logits_to_keep is not None
+
+    def keep(self, k: int) -> dict[str, np.ndarray]:
+        """The feed asking for the last k positions' logits (0: every position); {} if the
+        graph always returns every position."""
+        if self.logits_to_keep is None:
+            return {}
+        name, shape = self.logits_to_keep
+        return {name: np.full(shape, k, np.int64)}
 
     @classmethod
     def from_session(cls, sess: ort.InferenceSession, where: str, kv_heads: int | None = None,
@@ -96,4 +108,12 @@ class GraphIO:
             raise BadModelFileError(f"{where}: graph has no output {io.LOGITS!r}")
         vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         return cls(layers, shape[1], shape[3], np.dtype(_ORT_TYPES[past.type]), vocab,
-                   io.POSITION_IDS in inputs, io.LOGITS_TO_KEEP in inputs)
+                   io.POSITION_IDS in inputs, _logits_to_keep(inputs))
+
+
+def _logits_to_keep(inputs: dict) -> tuple[str, list[int]] | None:
+    if io.LOGITS_TO_KEEP in inputs:
+        return io.LOGITS_TO_KEEP, [1]
+    if io.LEGACY_LOGITS_TO_KEEP in inputs:
+        return io.LEGACY_LOGITS_TO_KEEP, []
+    return None

@@ -40,14 +40,15 @@ class Case:
     build: Callable[["Env"], list]  # makes the files; returns the CLI arguments
     needles: tuple[str, ...]  # the message must contain these
     prefix: str = "error: "
+    slow: bool = False  # built from the real SmolLM2 GGUF
 
 
 CASES: list[Case] = []
 
 
-def case(case_id: str, what: str, *needles: str, prefix: str = "error: "):
+def case(case_id: str, what: str, *needles: str, prefix: str = "error: ", slow: bool = False):
     def register(build):
-        CASES.append(Case(case_id, what, build, needles, prefix))
+        CASES.append(Case(case_id, what, build, needles, prefix, slow))
         return build
 
     return register
@@ -318,7 +319,7 @@ def _gguf(env: Env, blob: bytes) -> list:
     return export_args(env, path)
 
 
-@case("gguf-truncated", "the real SmolLM2 GGUF cut at 40 MB", "model.gguf", "truncated")
+@case("gguf-truncated", "the real SmolLM2 GGUF cut at 40 MB", "model.gguf", "truncated", slow=True)
 def _gguf_truncated(env):
     with open(env.smollm2(), "rb") as f:
         return _gguf(env, f.read(40_000_000))
@@ -363,7 +364,7 @@ def _gguf_arch(env):
 
 
 @case("gguf-unsupported-quant", "SmolLM2 GGUF with one tensor's type changed to IQ4_NL", "IQ4_NL",
-      "not supported")
+      "not supported", slow=True)
 def _gguf_quant(env):
     blob = bytearray(env.smollm2().read_bytes())
     name = b"blk.0.attn_q.weight"
@@ -704,7 +705,7 @@ def _snapshot(path: Path) -> list | None:
     return [beside, inside]
 
 
-@pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("bad", [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.slow else ()) for c in CASES])
 def test_bad_input(bad: Case, tiny_sources, tmp_path, request, monkeypatch):
     env = Env(tmp_path, tiny_sources, request, monkeypatch)
     args = [str(a) for a in bad.build(env)]
@@ -759,6 +760,7 @@ def _interrupt_when_writing(proc: subprocess.Popen, out: Path) -> None:
     proc.send_signal(signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_export_real_signal(smollm2_gguf, tmp_path):
     out = tmp_path / "out"
     proc = _cli("export", smollm2_gguf, out, "--bits", "4")
@@ -770,6 +772,7 @@ def test_ctrl_c_during_export_real_signal(smollm2_gguf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_quantize_real_signal(smollm2_onnx, tmp_path):
     out = tmp_path / "out"
     proc = _cli("quantize", smollm2_onnx, out)

@@ -109,6 +109,7 @@ def smollm2_int4(smollm2_gguf, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
 @pytest.mark.parametrize("variant", ["onnx-all", "ort-all"])
 def test_compiled_smollm2_gives_the_source_greedy_tokens(smollm2_onnx, smollm2_int4, tmp_path, weights, variant):

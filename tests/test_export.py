@@ -54,6 +54,8 @@ def run_plain(sess, ids: np.ndarray, chunks: list[int]) -> np.ndarray:
     pos, logits = 0, []
     for n in chunks:
         feeds = {io.INPUT_IDS: ids[:, pos:pos + n], io.ATTENTION_MASK: np.ones((1, pos + n), np.int64), **past}
+        if io.LOGITS_TO_KEEP in meta:
+            feeds[io.LOGITS_TO_KEEP] = np.array([0], np.int64)  # every position
         out = dict(zip(names, sess.run(None, feeds)))
         logits.append(out[io.LOGITS])
         past = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
@@ -140,6 +142,6 @@ def test_logits_to_keep_returns_the_last_positions(tiny_factory, tmp_path):
     full = run_plain(sess, ids, [7])
     past = {i.name: np.zeros((1, 2, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
     feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: np.ones((1, 7), np.int64), **past}
-    last2 = sess.run([io.LOGITS], {**feeds, io.LOGITS_TO_KEEP: np.array(2, np.int64)})[0]
+    last2 = sess.run([io.LOGITS], {**feeds, io.LOGITS_TO_KEEP: np.array([2], np.int64)})[0]
     assert last2.shape == (1, 2, full.shape[-1])
     np.testing.assert_allclose(last2, full[:, -2:], atol=1e-5)

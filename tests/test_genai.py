@@ -8,6 +8,7 @@ from conftest import PROMPT_IDS
 from edgellama.runtime.model import Model
 
 og = pytest.importorskip("onnxruntime_genai")
+pytestmark = pytest.mark.slow  # both load the exported SmolLM2
 
 
 def test_genai_greedy_equals_ours(smollm2_onnx):

@@ -1,5 +1,5 @@
-"""A plain onnxruntime.InferenceSession loads every exported graph without a warning, and
-runs it without feeding logits_to_keep (optional input: every position is returned)."""
+"""A plain onnxruntime.InferenceSession loads every exported graph without a warning and
+runs it the plain way; num_logits_to_keep [0] returns every position, [K] the last K."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from edgellama.quantize import quantize_folder
 PLAIN_LOAD = """
 import sys, numpy as np, onnxruntime as ort
 sess = ort.InferenceSession(sys.argv[1] + "/model.onnx")  # default options: warnings shown
-feeds = {"input_ids": np.array([[5, 6, 7]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+feeds = {"input_ids": np.array([[5, 6, 7]], np.int64), "attention_mask": np.ones((1, 3), np.int64),
+         "num_logits_to_keep": np.array([int(sys.argv[2])], np.int64)}
 for i in sess.get_inputs():
     if i.name.startswith("past_key_values"):
         feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
@@ -36,8 +37,9 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["fp32", "int4", "int8"])
-def test_plain_session_loads_without_warnings(folders, name):
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folders / name)], capture_output=True, text=True,
-                         check=True)
+@pytest.mark.parametrize("keep, positions", [(0, 3), (1, 1)])
+def test_plain_session_loads_without_warnings(folders, name, keep, positions):
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folders / name), str(keep)], capture_output=True,
+                         text=True, check=True)
     assert out.stderr == "", out.stderr
-    assert out.stdout.strip() == "(1, 3, 320)"  # logits_to_keep not fed: every position
+    assert out.stdout.strip() == f"(1, {positions}, 320)"

@@ -170,6 +170,7 @@ def test_gguf_blocks_equal_gguf_py_dequantize_bit_for_bit(type_name):
     assert np.array_equal(bq.dequantize(), dequantize(raw, GGMLQuantizationType[type_name]))
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_blocks_equal_gguf_py(smollm2_gguf):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -277,6 +278,7 @@ def test_streaming_export_bits_equals_quantize_of_float_export(tiny_float):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lossless_gguf_import_matches_float_graph(smollm2_gguf, smollm2_onnx, tmp_path):
     out = tmp_path / "q4"
     manifest = export(smollm2_gguf, out, ExportOptions(quant=QuantOptions(bits=4, accuracy_level=0)))

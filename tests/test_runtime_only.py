@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -72,11 +73,14 @@ def test_importing_edgellama_is_cheap():
 def test_runtime_only_install(tiny_model, tmp_path):
     """`pip install .` into a fresh venv (no extras): run, inspect and bench work; export and
     quantize say which extra to install, in one line."""
+    src = tmp_path / "src"  # a copy: pip's in-tree build/ never lands in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "work",
+                                                             "__pycache__", ".pytest_cache"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     py = bin_dir / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(src)],
                          capture_output=True, text=True, timeout=900)
     assert pip.returncode == 0, pip.stderr[-2000:]
     listed = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(sorted(d.metadata['Name'].lower() "

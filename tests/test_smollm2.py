@@ -15,6 +15,7 @@ import torch
 from conftest import PROMPT_IDS
 from edgellama.runtime.model import Model
 
+pytestmark = pytest.mark.slow  # every test runs the real model, most beside transformers'
 PROMPT = "The best thing about AI is its ability to"
 
 

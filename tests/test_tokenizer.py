@@ -147,6 +147,7 @@ def test_smollm2_reference_ids(smollm2):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TEXTS)
 def test_smollm2_matches_transformers(smollm2, smollm2_transformers, name):
     # Compared without transformers' special tokens: some versions wrongly add BOS to this GGUF.
@@ -154,6 +155,7 @@ def test_smollm2_matches_transformers(smollm2, smollm2_transformers, name):
     assert smollm2.encode(TEXTS[name]).ids == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TEXTS)
 def test_smollm2_matches_llama_cpp(smollm2, smollm2_llama_cpp, name):
     assert smollm2.encode(TEXTS[name]).ids == _llama_cpp_ids(smollm2_llama_cpp, TEXTS[name])
@@ -206,6 +208,7 @@ def test_write_tokenizer_loads_in_transformers(smollm2_files, smollm2, tmp_path)
     assert loaded.chat_template == smollm2_files.chat_template
 
 
+@pytest.mark.slow
 def test_hf_folder_round_trips_smollm2(smollm2_transformers, tmp_path):
     transformers = pytest.importorskip("transformers")
     smollm2_transformers.save_pretrained(str(tmp_path))

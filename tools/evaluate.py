@@ -44,6 +44,7 @@ def full_logits(model: Model, ids: Sequence[int]) -> np.ndarray:
         feeds[io.POSITION_IDS] = np.arange(len(ids), dtype=np.int64)[None]
     for i in range(g.num_layers):
         feeds[io.past_key(i)] = feeds[io.past_value(i)] = empty
+    feeds.update(g.keep(0))
     return model.session.run([io.LOGITS], feeds)[0][0]
 
 
