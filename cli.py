@@ -69,6 +69,40 @@ def _runtime_process() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _speculation_options(fn):
+    options = [
+        click.option("--speculate", type=click.Choice(["off", "ngram", "draft"]), default="off", show_default=True,
+                     help="Draft tokens and check them in one forward: ngram = prompt lookup (no second model), "
+                          "draft = a smaller model (--draft-model). Greedy text is unchanged on float graphs."),
+        click.option("--draft-model", type=click.Path(path_type=Path), default=None,
+                     help="With --speculate draft: a model folder with the same tokenizer."),
+        click.option("--draft-tokens", type=click.IntRange(0, 16), default=8, show_default=True,
+                     help="The most tokens drafted per forward (fewer while drafts keep failing); 0 = plain decoding."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _speculation(kw: dict, provider: str, threads: int | None) -> dict:
+    """speculate= / draft_tokens= for Model.generate, from --speculate, --draft-model, --draft-tokens."""
+    from edgellama.runtime.errors import BadArgumentError
+
+    mode, draft_dir = kw.pop("speculate"), kw.pop("draft_model")
+    draft_tokens = kw.pop("draft_tokens")
+    if (mode == "draft") != (draft_dir is not None):
+        raise BadArgumentError("--speculate draft and --draft-model DIR go together; give both, or use "
+                               "--speculate ngram (no second model)")
+    if mode == "off":
+        return {}
+    if mode == "ngram":
+        return {"speculate": "ngram", "draft_tokens": draft_tokens}
+    from edgellama.runtime.model import Model
+    from edgellama.runtime.speculate import Draft
+
+    return {"speculate": Draft(Model.load(draft_dir, provider=provider, threads=threads)), "draft_tokens": draft_tokens}
+
+
 class _Bar:
     """A progress bar on stderr, fed (done, total, what) callbacks; silent unless stderr is a terminal."""
 
@@ -238,17 +272,24 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
 @click.option("--threads", type=int, default=None)
 @click.option("--no-cold", is_flag=True, help="Skip the fresh-process time-to-first-token runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--prompt-file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Use this text (encoded as is) as the prompt instead of --prompt-tokens of filler.")
+@_speculation_options
 @_friendly
 def bench(model_dir: Path, prompt_tokens: int, new_tokens: int, runs: int, provider: str,
-          threads: int | None, no_cold: bool, as_json: bool) -> None:
-    """Prefill / decode tok/s, time to first token, peak RSS and size of MODEL_DIR."""
+          threads: int | None, no_cold: bool, as_json: bool, prompt_file: Path | None, **kw) -> None:
+    """Prefill / decode tok/s, time to first token, peak RSS and size of MODEL_DIR (and, with
+    --speculate, tokens per forward and drafts accepted)."""
     _runtime_process()
     from edgellama.tools.bench import bench as run_bench
     from edgellama.tools.bench import format_result
 
+    speculation = _speculation(kw, provider, threads)
+    text = prompt_file.read_text(encoding="utf-8") if prompt_file is not None else None
     bar = _Bar("benchmarking")
     try:
-        result = run_bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, not no_cold, bar)
+        result = run_bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, not no_cold, bar,
+                           prompt_text=text, **speculation)
     finally:
         bar.close()
     click.echo(result.to_json() if as_json else format_result(result))
@@ -281,15 +322,15 @@ def _generation_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return _speculation_options(fn)
 
 
-def _config(kw: dict, show_probs: int = 0):
+def _config(kw: dict, show_probs: int = 0, speculation: dict | None = None):
     from edgellama.runtime.model import make_config
 
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
             "presence_penalty", "frequency_penalty", "seed", "stop")
-    return make_config(show_probs=show_probs, **{k: kw[k] for k in keys})
+    return make_config(show_probs=show_probs, **{k: kw[k] for k in keys}, **(speculation or {}))
 
 
 @main.command()
@@ -308,7 +349,7 @@ def run(model_dir: Path, prompt: str, as_chat: bool, system: str | None, show_pr
     from edgellama.runtime.model import Model
     from edgellama.tools.report import format_probs
 
-    config = _config(kw, show_probs)
+    config = _config(kw, show_probs, _speculation(kw, provider, threads))
     model = Model.load(model_dir, provider=provider, threads=threads)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -335,8 +376,9 @@ def chat(model_dir: Path, system: str | None, provider: str, threads: int | None
     _runtime_process()
     from edgellama.runtime.model import Model
 
+    speculation = _speculation(kw, provider, threads)
     model = Model.load(model_dir, provider=provider, threads=threads)
-    session = model.chat(system=system, config=_config(kw))
+    session = model.chat(system=system, config=_config(kw, speculation=speculation))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -368,8 +410,12 @@ def chat(model_dir: Path, system: str | None, provider: str, threads: int | None
 @click.option("--threads", type=int, default=None, help="Default: physical cores.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=4, show_default=True,
               help="Generations run at once; more requests wait in a queue.")
+@click.option("--cache-mb", type=click.IntRange(min=0), default=None,
+              help="Prompt cache: KV of recent requests kept for reuse by later ones sharing a prefix "
+                   "(chat turns, system prompts). Default: 4 full contexts' KV, at most 2048; 0 turns it off.")
 @_friendly
-def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | None, max_concurrent: int) -> None:
+def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | None, max_concurrent: int,
+          cache_mb: int | None) -> None:
     """Serve MODEL_DIR over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Needs the serve extra: pip install 'edgellama[serve]'."""
@@ -382,8 +428,11 @@ def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | N
 
     sock = bind(host, port)  # a taken port fails before the model loads
     model = Model.load(model_dir, provider=provider, threads=threads)
-    server = Server(model, sock, max_concurrent)
-    click.echo(f"serving {server.model_id} at {server.url}/v1 ({max_concurrent} at a time; Ctrl-C stops)", err=True)
+    server = Server(model, sock, max_concurrent, cache_bytes=None if cache_mb is None else cache_mb * 2**20)
+    cache = server.engine.cache
+    caching = f"prompt cache {cache.max_bytes // 2**20} MiB" if cache is not None else "no prompt cache"
+    click.echo(f"serving {server.model_id} at {server.url}/v1 ({max_concurrent} at a time, {caching}; "
+               "Ctrl-C stops)", err=True)
     server.run()
 
 

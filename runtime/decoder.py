@@ -30,9 +30,9 @@ class Decoder:
         self.fed = 0  # tokens run through the graph over this decoder's life
         self._logits = aligned_zeros((1, 1, model.vocab_size), np.float32)  # (batch, keep, vocab)
         self._keeps_last = model.graph_io.has_logits_to_keep
-        for name, one in model.graph_io.keep(1).items():  # only the last position's logits are ever needed
-            self._keep_one = one
-            self.binding.bind_input(name, "cpu", 0, np.int64, list(one.shape), one.ctypes.data)
+        for name, keep in model.graph_io.keep(1).items():  # bound by pointer: verify() changes its value
+            self._keep = keep
+            self.binding.bind_input(name, "cpu", 0, np.int64, list(keep.shape), keep.ctypes.data)
         self._bind_logits()  # bound first: the cache's presents follow it in get_outputs()
 
     @property
@@ -74,6 +74,25 @@ class Decoder:
         cache.advance(n, binding)
         self.fed += n
         return logits[0, -1]
+
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        """(len(tokens), vocab) float32: the logits after each of `tokens`, fed in one run
+        (a token and the drafts that follow it, checked at once)."""
+        cache, binding = self.cache, self.binding
+        n = cache.stage(tokens)
+        cache.bind(binding, n)
+        if self._keeps_last:
+            self._keep[...] = n
+        binding.bind_output(io.LOGITS, "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        finally:
+            if self._keeps_last:
+                self._keep[...] = 1
+        rows = binding.get_outputs()[0].numpy()[0, -n:]
+        cache.advance(n, binding)
+        self.fed += n
+        return rows
 
     def reuse(self, prompt: Sequence[int]) -> int:
         """Keep the longest cached prefix of `prompt` (all but its last token at most, whose

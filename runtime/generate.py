@@ -14,6 +14,7 @@ import numpy as np
 from .decoder import Decoder
 from .detokenize import StreamDecoder
 from .errors import BadArgumentError, ContextOverflowError
+from .speculate import AdaptiveK, SpeculationStats, check_draft_tokens, make_drafter
 from .sampling import SamplingParams, make_sampler, token_prob, top_probs
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS
     ignore_eos: bool = False
     show_probs: int = 0  # attach the top-k next-token distribution to each step
+    speculate: object = None  # None | "ngram" | speculate.NGram(...) | speculate.Draft(model)
+    draft_tokens: int = 8  # the most tokens drafted per forward (adapts below it); 0 = plain
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -35,6 +38,7 @@ class GenerationConfig:
             raise BadArgumentError("stop strings must be non-empty text")
         if self.show_probs < 0:
             raise BadArgumentError(f"show_probs must be >= 0, got {self.show_probs}")
+        check_draft_tokens(self.draft_tokens)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class Generation:
         self.finish_reason: str | None = None
         self.completion_ids: list[int] = []
         self.prompt_top: list[tuple[int, float]] | None = None
+        self.speculation = SpeculationStats()  # with config.speculate: drafted, accepted, forwards
+        self._drafter = make_drafter(config.speculate, model) if config.draft_tokens else None
         self._pieces: list[str] = []
         self._iter = self._steps()
 
@@ -129,12 +135,9 @@ class Generation:
         stops = StopStrings(cfg.stop)
         eos = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(model.eos_token_ids))
         detok = StreamDecoder(model.tokenizer, self.prompt_ids)
-        logits = self._prefill()
-        if cfg.show_probs:
-            self.prompt_top = top_probs(logits, cfg.show_probs)
-        for i in range(self.max_new):
+        source = self._plain(sampler) if self._drafter is None else self._speculative(sampler)
+        for token, logits in source:
             top = top_probs(logits, cfg.show_probs) if cfg.show_probs else None
-            token = sampler(logits, self.decoder.tokens)  # the history: everything the cache holds
             if token in eos:
                 self.finish_reason = "eos"
                 break
@@ -145,13 +148,60 @@ class Generation:
             if stops.hit:
                 self.finish_reason = "stop"
                 break
-            if i + 1 < self.max_new:
-                logits = self.decoder.decode_one(token)
-        else:
-            self.finish_reason = "length"
+            if len(self.completion_ids) == self.max_new:
+                self.finish_reason = "length"
+                break
         tail = stops.feed(detok.flush()) + stops.flush() if not stops.hit else ""
         if tail:
             self._pieces.append(tail)
             yield Step(None, tail, None)
         if self._on_finish:
             self._on_finish(self)
+
+    def _first(self, sampler) -> tuple[int, np.ndarray]:
+        logits = self._prefill()
+        if self.config.show_probs:
+            self.prompt_top = top_probs(logits, self.config.show_probs)
+        return sampler(logits, self.decoder.tokens), logits
+
+    def _plain(self, sampler) -> Iterator[tuple[int, np.ndarray]]:
+        """(token, the logits it was drawn from), one forward per token; the consumer stops
+        pulling after the last token it needs, so that one is never fed."""
+        token, logits = self._first(sampler)
+        while True:
+            yield token, logits
+            logits = self.decoder.decode_one(token)
+            token = sampler(logits, self.decoder.tokens)  # the history: everything the cache holds
+
+    def _speculative(self, sampler) -> Iterator[tuple[int, np.ndarray]]:
+        """As _plain, but each forward feeds the pending token and up to k drafts, and yields
+        the drafts the sampler accepts plus one token of the model's own."""
+        d, stats, adapt = self.decoder, self.speculation, AdaptiveK(self.config.draft_tokens)
+        token, logits = self._first(sampler)
+        while True:
+            yield token, logits
+            budget = self.max_new - len(self.completion_ids) - 1  # tokens still wanted after `token`
+            k = min(adapt.next(), budget)
+            drafts = self._drafter.propose(np.append(d.tokens, token), k) if k > 0 else []
+            stats.forwards += 1
+            if not drafts:
+                logits = d.decode_one(token)
+                token = sampler(logits, d.tokens)
+                stats.tokens += 1
+                continue
+            rows = d.verify([token] + drafts)
+            base = d.cache.length - len(rows)  # the cache's length before `token`
+            accepted = 0
+            for i, draft in enumerate(drafts):
+                token, ok = sampler.verify(rows[i], d.tokens[: base + i + 1], draft)
+                if not ok:
+                    break
+                accepted += 1
+                yield token, rows[i]
+            else:
+                token = sampler(rows[-1], d.tokens)  # every draft held: one more from the last row
+            d.cache.rewind(len(drafts) - accepted)
+            logits = rows[accepted]
+            adapt.update(len(drafts), accepted)
+            stats.drafted, stats.accepted, stats.tokens = stats.drafted + len(drafts), stats.accepted + accepted, \
+                stats.tokens + accepted + 1

@@ -275,6 +275,30 @@ class Sampler:
             return int(np.argmax(x))
         return self._draw(x)
 
+    def verify(self, logits: np.ndarray, history: np.ndarray, draft: int) -> tuple[int, bool]:
+        """The token at a position where a drafter proposed `draft`: (token, draft accepted).
+
+        Greedy: the argmax, accepted when it is the draft. Sampling (the drafters here
+        propose one token, a point mass): accept the draft with its probability p(draft)
+        under the processed distribution, else draw from p without the draft. Either way
+        the token is distributed as a plain draw from p."""
+        if self.params.greedy:
+            token = self(logits, history)
+            return token, token == draft
+        x = np.asarray(logits, dtype=np.float64)
+        h = np.asarray(history, dtype=np.int64)
+        for process in self.processors:
+            x = process(x, h)
+        if x[draft] > -np.inf:
+            live = x[x > -np.inf]
+            p_draft = math.exp(x[draft] - live.max()) / np.exp(live - live.max()).sum()
+            if self.rng.random() < p_draft:
+                return int(draft), True
+        x[draft] = -np.inf
+        if not np.isfinite(x).any():  # p(draft) was 1 up to rounding
+            return int(draft), True
+        return self._draw(x), False
+
     def _draw(self, logits: np.ndarray) -> int:
         # One uniform per token, mapped through the CDF of the tokens the filters
         # left (often a few dozen, so exp and CDF are cheap).

@@ -3,7 +3,7 @@
     POST /v1/chat/completions   messages through the model's chat template; stream or not
     POST /v1/completions        a raw prompt (text or token ids); stream or not
     GET  /v1/models[/{id}]      the one model served, named after its folder
-    GET  /health                {"status": "ok", queued, running, ...}
+    GET  /health                {"status": "ok", queued, running, ..., prompt_cache}
 
 Request bodies are parsed and checked (and chat templates rendered) on a worker thread
 before any response starts; generation runs in the Engine. If the client disconnects,
@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from edgellama.runtime.model import Model
+from edgellama.runtime.prompt_cache import PromptCache, default_cache_bytes
 
 from .engine import Engine, Job
 from .protocol import (Answer, APIError, Done, Plan, check_model, error_for, parse_json, plan_chat,
@@ -37,9 +38,13 @@ log = logging.getLogger("edgellama.serve")
 MAX_BODY = 16 * 2**20  # bytes; chat templates refuse more than 2 M characters of content anyway
 
 
-def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 4) -> Starlette:
+def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 4,
+               cache_bytes: int | None = None) -> Starlette:
+    """cache_bytes: the prompt cache's size (None: default_cache_bytes; 0: no cache)."""
     model_id = model_id or Path(model.folder).name
-    engine = Engine(model, max_concurrent)
+    cache_bytes = default_cache_bytes(model) if cache_bytes is None else cache_bytes
+    cache = PromptCache(model, cache_bytes) if cache_bytes > 0 else None
+    engine = Engine(model, max_concurrent, cache)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,7 +75,8 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
         return JSONResponse(_model_card(model, model_id))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_id, **engine.stats()})
+        caching = {"prompt_cache": cache.stats()} if cache is not None else {}
+        return JSONResponse({"status": "ok", "model": model_id, **engine.stats(), **caching})
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

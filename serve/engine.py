@@ -2,7 +2,9 @@
 
 The Model is shared read-only; each job builds its own Generation (KV cache, IO
 binding, sampler, detokenizer) on the worker thread that runs it, so token ids never
-cross between requests. Steps travel to the event loop through the job's asyncio
+cross between requests. With a PromptCache, a job's decoder starts from the longest cached
+prefix of its prompt (a copy, or an entry no other job can then get) and goes back to the
+cache when the job ends or is cancelled; one whose generation raised is dropped. Steps travel to the event loop through the job's asyncio
 queue. A cancelled job (its client went away) never starts if it is still queued, and
 stops before its next token if it is running, freeing its worker.
 """
@@ -14,8 +16,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Sequence
 
-from edgellama.runtime.generate import GenerationConfig, Step
+from edgellama.runtime.generate import Generation, GenerationConfig, Step
 from edgellama.runtime.model import Model
+from edgellama.runtime.prompt_cache import PromptCache
 
 from .protocol import APIError, Done
 
@@ -58,10 +61,10 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: Model, max_concurrent: int):
+    def __init__(self, model: Model, max_concurrent: int, cache: PromptCache | None = None):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
-        self.model, self.max_concurrent = model, max_concurrent
+        self.model, self.max_concurrent, self.cache = model, max_concurrent, cache
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="edgellama-generate")
         self._lock = threading.Lock()
         # Counters for /health and tests: jobs waiting, running, and how jobs ended.
@@ -120,10 +123,23 @@ class Engine:
     def _generate(self, job: Job, prompt_ids: list[int], config: GenerationConfig) -> str:
         if job.cancelled:
             return "cancelled"
-        gen = self.model.generate(prompt_ids, config)
+        gen, cached = self._start(prompt_ids, config)
         for step in gen:
             if job.cancelled:
+                self._keep(gen)  # between tokens: its cache holds exactly what it has fed
                 return "cancelled"
             job.put(step)
-        job.put(Done(gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+        self._keep(gen)  # before Done: the client's next turn, sent on receiving it, finds it
+        job.put(Done(gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, cached))
         return "finished"
+
+    def _start(self, prompt_ids: list[int], config: GenerationConfig) -> tuple[Generation, int]:
+        """The generation, and how many of its prompt tokens come from the cache."""
+        if self.cache is None:
+            return self.model.generate(prompt_ids, config), 0
+        decoder = self.cache.decoder_for(prompt_ids, len(prompt_ids) + config.max_new_tokens)
+        return Generation(self.model, prompt_ids, config, decoder=decoder), decoder.cache.length
+
+    def _keep(self, gen: Generation) -> None:
+        if self.cache is not None:
+            self.cache.store(gen.decoder)

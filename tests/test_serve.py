@@ -31,6 +31,7 @@ from conftest import PROMPT_IDS  # noqa: E402
 from edgellama.cli import main  # noqa: E402
 from edgellama.runtime.generate import Step  # noqa: E402
 from edgellama.runtime.model import Model, make_config  # noqa: E402
+from edgellama.runtime.prompt_cache import PromptCache, kv_bytes_per_token  # noqa: E402
 from edgellama.serve.engine import Engine  # noqa: E402
 from edgellama.serve.protocol import Done  # noqa: E402
 from edgellama.serve.server import Server, bind  # noqa: E402
@@ -514,3 +515,122 @@ def test_step_prob_is_the_chosen_tokens_probability():
     top = top_probs(logits, 3)
     for token in (top[0][0], top[2][0], int(np.argmin(logits))):  # in the top list, and far outside it
         assert token_prob(logits, token, top) == pytest.approx(probs[token], rel=1e-12)
+
+
+# --- the prompt cache: a server that reuses cached prefixes answers as a cold one does ------
+
+
+@pytest.fixture(scope="module")
+def tiny_cold(tiny_served):
+    _, tiny = tiny_served
+    srv = Server(tiny, bind("127.0.0.1", 0), max_concurrent=SLOTS, log_level="warning", cache_bytes=0).start()
+    yield srv
+    srv.stop()
+
+
+def _client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+TINY_SYSTEM = {"role": "system", "content": "You are the quick brown fox. You jump over the lazy dog. def f(x):"}
+
+
+def _ask(srv, messages, **kw) -> tuple[str, int]:
+    """(the reply, usage.prompt_tokens_details.cached_tokens)"""
+    r = _client(srv).chat.completions.create(model=srv.model_id, messages=messages,
+                                             **{"temperature": 0, "max_tokens": 8, **kw})
+    return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+
+def test_prompt_cache_answers_as_a_cold_server(tiny_served, tiny_cold):
+    hot, tiny = tiny_served
+    assert hot.engine.cache is not None and tiny_cold.engine.cache is None
+    first = [TINY_SYSTEM, {"role": "user", "content": "The quick brown fox"}]
+    reply, _ = _ask(tiny_cold, first)
+    assert _ask(hot, first)[0] == reply
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "jumps over"}]
+    reply2, cached = _ask(hot, second, temperature=0.8, seed=2)  # the next turn: reused
+    assert (reply2, 0) == _ask(tiny_cold, second, temperature=0.8, seed=2)
+    assert cached >= len(tiny.render_chat(first))
+    other = [TINY_SYSTEM, {"role": "user", "content": "return x * 2"}]  # the same system prompt: partly reused
+    reply3, cached = _ask(hot, other)
+    assert reply3 == _ask(tiny_cold, other)[0] and len(tiny.render_chat([TINY_SYSTEM], False)) // 2 < cached
+    kw = dict(model=hot.model_id, messages=other, temperature=0, max_tokens=8, stream=True,
+              stream_options={"include_usage": True})
+    chunks = list(_client(hot).chat.completions.create(**kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply3
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(tiny.render_chat(other)) - 1
+    ids = tiny.render_chat(other)  # completions share the cache: the same ids, found again
+    r = _client(hot).completions.create(model=hot.model_id, prompt=ids, temperature=0, max_tokens=8)
+    assert r.choices[0].text == reply3 and r.usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+    status, health = raw(hot, "GET", "/health")
+    assert health["prompt_cache"]["entries"] >= 1 and health["prompt_cache"]["hits"] >= 3
+
+
+def test_evicted_prefixes_answer_as_a_cold_server(tiny_served, tiny_cold):
+    _, tiny = tiny_served
+    one_entry = (tiny.context_length + 1) * (kv_bytes_per_token(tiny) + 16)  # a chat's cache: a whole context
+    srv = Server(tiny, bind("127.0.0.1", 0), max_concurrent=1, log_level="warning", cache_bytes=one_entry).start()
+    try:
+        a = [{"role": "user", "content": "The quick brown fox"}]
+        b = [{"role": "user", "content": "def f(x): return x"}]
+        reply_a, _ = _ask(srv, a)
+        _ask(srv, b)  # evicts a's
+        a2 = a + [{"role": "assistant", "content": reply_a}, {"role": "user", "content": "lazy dog"}]
+        reply, cached = _ask(srv, a2)
+        assert reply == _ask(tiny_cold, a2)[0] and cached < len(tiny.render_chat(a))
+        assert srv.engine.cache.stats()["evicted"] >= 1
+    finally:
+        srv.stop()
+
+
+def test_concurrent_requests_sharing_a_prefix_answer_as_sequential_cold_ones(tiny_served, tiny_cold):
+    hot, _ = tiny_served
+    users = ["The quick brown fox", "def f(x):", "return x * 2", "lazy dog", "jumps over", "The quick"]
+    conversations = [[TINY_SYSTEM, {"role": "user", "content": u}] for u in users]
+
+    def ask(srv, i: int) -> str:
+        return _ask(srv, conversations[i % len(users)], temperature=0.7, seed=i, max_tokens=12)[0]
+
+    expected = [ask(tiny_cold, i) for i in range(2 * len(users))]
+    with ThreadPoolExecutor(2 * len(users)) as pool:  # each prompt twice at once, SLOTS running
+        assert list(pool.map(lambda i: ask(hot, i), range(2 * len(users)))) == expected
+        assert list(pool.map(lambda i: ask(hot, i), range(2 * len(users)))) == expected  # all cached now
+
+
+def test_a_cancelled_generation_goes_back_to_the_cache_consistent(tiny_served, monkeypatch):
+    from edgellama.serve import engine as engine_module
+
+    _, tiny = tiny_served
+    sent, real_put = [], engine_module.Job.put
+
+    def put(job, item):  # the client goes away after the third token
+        real_put(job, item)
+        sent.append(item)
+        if len(sent) == 3:
+            job.cancel()
+
+    monkeypatch.setattr(engine_module.Job, "put", put)
+    prompt = tiny.encode("The quick brown fox")
+    cache = PromptCache(tiny, 2**20)
+
+    async def scenario():
+        engine = Engine(tiny, 1, cache)
+        try:
+            engine.submit(prompt, make_config(max_new_tokens=50, temperature=0, ignore_eos=True))
+            await _until(lambda: engine.stats()["cancelled"] == 1, "the job should be cancelled")
+        finally:
+            engine.close()
+
+    asyncio.run(scenario())
+    monkeypatch.undo()
+    generated = [s.token_id for s in sent]
+    assert len(generated) == 3 and len(cache) == 1
+    decoder = cache.decoder_for(prompt + generated + [5])  # extends all it holds: taken whole
+    assert list(decoder.tokens) == prompt + generated  # what was sent, and nothing half-fed
+    cache.store(decoder)
+    more = prompt + generated[:2] + [7]
+    gen = cache.generate(more, max_new_tokens=8, temperature=0, ignore_eos=True)
+    for _ in gen:
+        pass
+    assert gen.completion_ids == greedy(tiny, more, max_new_tokens=8, ignore_eos=True).completion_ids

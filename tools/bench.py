@@ -53,6 +53,8 @@ class BenchResult:
     ttft_cold_s: Stat | None
     peak_rss_mb: float
     size_mb: float
+    speculate: str | None = None  # "ngram" | "draft" | None (plain decoding)
+    speculation: dict | None = None  # summed over the timed runs: forwards, drafted, accepted, tokens_per_forward
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -65,16 +67,16 @@ def prompt_ids(model: Model, n: int) -> list[int]:
     return ids[:n]
 
 
-def _one_run(model: Model, ids: list[int], new_tokens: int) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, warm time to first token s)."""
-    gen = model.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+def _one_run(model: Model, ids: list[int], new_tokens: int, options: dict) -> tuple[float, float, float, dict]:
+    """(prefill tok/s, decode tok/s, warm time to first token s, speculation counts)."""
+    gen = model.generate(ids, max_new_tokens=new_tokens, ignore_eos=True, **options)
     start = time.perf_counter()
     steps = iter(gen)
     next(steps)
     first = time.perf_counter()
     count = sum(1 for s in steps if s.token_id is not None)
     end = time.perf_counter()
-    return len(ids) / (first - start), count / (end - first), first - start
+    return len(ids) / (first - start), count / (end - first), first - start, gen.speculation.to_dict()
 
 
 def cold_start(folder: Path, provider: str, threads: int | None, n_prompt: int) -> tuple[float, float, float]:
@@ -99,17 +101,24 @@ def folder_size_mb(folder: Path) -> float:
 
 def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3,
           provider: str = "cpu", threads: int | None = None, cold: bool = True,
-          progress: Callable[[int, int, str], None] = lambda d, t, w: None) -> BenchResult:
+          progress: Callable[[int, int, str], None] = lambda d, t, w: None, *,
+          prompt_text: str | None = None, speculate=None, draft_tokens: int = 8) -> BenchResult:
+    """prompt_text: the prompt (encoded as is) instead of prompt_tokens of filler text;
+    speculate / draft_tokens: as Model.generate takes them."""
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
         raise BadArgumentError("need --prompt-tokens >= 1, --new-tokens >= 2 and --runs >= 1")
     t = time.perf_counter()
     model = Model.load(folder, provider=provider, threads=threads)
     loads = [time.perf_counter() - t]
-    ids = prompt_ids(model, prompt_tokens)
-    _one_run(model, ids[:8], 4)  # warm-up: first-run allocations and kernel selection
+    ids = model.encode(prompt_text) if prompt_text is not None else prompt_ids(model, prompt_tokens)
+    if not ids:
+        raise BadArgumentError("the prompt file holds no text; give a file with the prompt in it")
+    prompt_tokens = len(ids)
+    options = {"speculate": speculate, "draft_tokens": draft_tokens}
+    _one_run(model, ids[:8], 4, options)  # warm-up: first-run allocations and kernel selection
     results = []
     for i in range(runs):
-        results.append(_one_run(model, ids, new_tokens))
+        results.append(_one_run(model, ids, new_tokens, options))
         progress(i + 1, runs + (runs if cold else 0), "runs")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process: load + runs
     colds = []
@@ -124,7 +133,19 @@ def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: i
         prefill_tok_s=Stat.of([r[0] for r in results]), decode_tok_s=Stat.of([r[1] for r in results]),
         ttft_warm_s=Stat.of([r[2] for r in results]), ttft_cold_s=Stat.of([c[0] for c in colds]) if colds else None,
         peak_rss_mb=rss, size_mb=folder_size_mb(folder),
+        speculate=_speculate_name(speculate), speculation=_summed([r[3] for r in results]) if speculate else None,
     )
+
+
+def _speculate_name(speculate) -> str | None:
+    return speculate if isinstance(speculate, str) or speculate is None else type(speculate).__name__.lower()
+
+
+def _summed(counts: list[dict]) -> dict:
+    total = {k: sum(c[k] for c in counts) for k in ("forwards", "drafted", "accepted")}
+    emitted = sum(c["tokens_per_forward"] * c["forwards"] for c in counts)
+    total["tokens_per_forward"] = round(emitted / total["forwards"], 3) if total["forwards"] else 0.0
+    return total
 
 
 def format_result(r: BenchResult) -> str:
@@ -143,4 +164,5 @@ def format_result(r: BenchResult) -> str:
         row("model load", r.load_s, "s", "{:.3f}"),
         f"{'peak RSS':24s} {r.peak_rss_mb:.0f} MiB",
         f"{'size on disk':24s} {r.size_mb:.1f} MiB",
-    ])
+    ] + ([f"{'speculation':24s} {r.speculate}: {s['tokens_per_forward']:.2f} tokens per forward, "
+          f"{s['accepted']} of {s['drafted']} drafts accepted"] if (s := r.speculation) else []))

@@ -1,0 +1,184 @@
+"""Speculative decoding: greedy text equals plain greedy text, sampling keeps the model's
+distribution, and the drafters and their guards behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import PROMPT_IDS
+from edgellama.cli import main
+from edgellama.exporter.export import ExportOptions, export
+from edgellama.runtime.contract import KVLayout
+from edgellama.runtime.errors import BadArgumentError
+from edgellama.runtime.model import Model
+from edgellama.runtime.sampling import SamplingParams, make_sampler, softmax
+from edgellama.runtime.speculate import AdaptiveK, Draft, NGramDrafter
+
+REPEATING = [5, 6, 7, 8, 9, 10, 11] * 3 + [5, 6]  # prompt lookup finds plenty here
+ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
+
+
+@pytest.fixture(scope="module", params=list(KVLayout), ids=lambda k: k.value)
+def tiny(request, tmp_path_factory):
+    from conftest import make_tiny
+
+    base = tmp_path_factory.mktemp(f"spec-{request.param.value}")
+    make_tiny(base / "hf", max_position_embeddings=64)
+    export(base / "hf", base / "onnx", ExportOptions(attention=ATTENTION[request.param]))
+    return Model.load(base / "onnx", threads=1)
+
+
+def ids_of(gen) -> list[int]:
+    return [s.token_id for s in gen if s.token_id is not None]
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft"])
+def test_greedy_text_is_the_plain_text(tiny, kind, monkeypatch):
+    from edgellama.runtime import decoder
+
+    speculate = "ngram" if kind == "ngram" else Draft(tiny)
+    plain = ids_of(tiny.generate(REPEATING, max_new_tokens=30, ignore_eos=True))
+    gen = tiny.generate(REPEATING, max_new_tokens=30, ignore_eos=True, speculate=speculate)
+    assert ids_of(gen) == plain
+    assert gen.speculation.drafted > 0 and gen.speculation.forwards < 30
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 5)  # prompts and verify steps across chunk boundaries
+    assert ids_of(tiny.generate(REPEATING, max_new_tokens=30, ignore_eos=True, speculate=speculate)) == plain
+
+
+def test_greedy_to_the_context_end(tiny):
+    prompt = REPEATING * 2  # 46 of 64 positions
+    plain = tiny.generate(prompt, max_new_tokens=100, ignore_eos=True)
+    spec = tiny.generate(prompt, max_new_tokens=100, ignore_eos=True, speculate=Draft(tiny), draft_tokens=16)
+    assert ids_of(spec) == ids_of(plain) and len(spec.completion_ids) == 64 - len(prompt)
+    assert spec.finish_reason == plain.finish_reason == "length"
+
+
+def test_stops_and_eos_as_plain(tiny):
+    plain = tiny.generate(REPEATING, max_new_tokens=40, ignore_eos=True)
+    text = "".join(s.text for s in plain)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    a = tiny.generate(REPEATING, max_new_tokens=40, ignore_eos=True, stop=[stop])
+    b = tiny.generate(REPEATING, max_new_tokens=40, ignore_eos=True, stop=[stop], speculate=Draft(tiny))
+    assert "".join(s.text for s in b) == "".join(s.text for s in a) and b.finish_reason == a.finish_reason
+
+
+def test_zero_draft_tokens_is_plain_decoding(tiny):
+    gen = tiny.generate(REPEATING, max_new_tokens=12, ignore_eos=True, speculate="ngram", draft_tokens=0)
+    assert ids_of(gen) == ids_of(tiny.generate(REPEATING, max_new_tokens=12, ignore_eos=True))
+    assert gen.speculation.forwards == 0
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    options = dict(max_new_tokens=30, temperature=0.9, top_p=0.95, seed=7, speculate=Draft(tiny))
+    assert tiny.generate_text(REPEATING, **options) == tiny.generate_text(REPEATING, **options)
+
+
+def test_chat_turns_with_speculation(tiny):
+    plain = tiny.chat(max_new_tokens=6, ignore_eos=True)
+    spec = tiny.chat(max_new_tokens=6, ignore_eos=True, speculate="ngram")
+    for text in ("fox", "dog"):
+        assert spec.send(text) == plain.send(text)
+
+
+# ---- the sampling rule --------------------------------------------------------------------------
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability 0.001 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=6),
+                                    dict(temperature=1.2, top_p=0.9, min_p=0.02)], ids=str)
+@pytest.mark.parametrize("draft", [0, 3, 11])  # the likeliest token, a middling one, one the filters drop
+def test_verify_draws_from_the_model_distribution(params, draft):
+    """Sampler.verify(draft) is distributed as a plain draw: chi-square at significance 0.001."""
+    rng = np.random.default_rng(0)
+    logits = np.sort(rng.normal(0, 1.5, 12))[::-1].astype(np.float32)  # token 0 likeliest
+    plain = make_sampler(SamplingParams(seed=1, **params))
+    history = np.zeros(0, np.int64)
+    x = np.asarray(logits, np.float64)
+    for process in plain.processors:
+        x = process(x, history)
+    expected = softmax(x)
+    n = 20000
+    sampler = make_sampler(SamplingParams(seed=2, **params))
+    counts = np.bincount([sampler.verify(logits, history, draft)[0] for _ in range(n)], minlength=12)
+    live = expected * n >= 5
+    assert counts[~live].sum() <= 0.01 * n + 5
+    chi2 = (((counts[live] - n * expected[live]) ** 2) / (n * expected[live])).sum()
+    assert chi2 < _chi_square_critical(int(live.sum()) - 1), (counts, n * expected)
+
+
+def test_greedy_verify_accepts_only_the_argmax():
+    sampler = make_sampler(SamplingParams())
+    logits = np.array([0.1, 3.0, 0.2], np.float32)
+    assert sampler.verify(logits, np.zeros(0, np.int64), 1) == (1, True)
+    assert sampler.verify(logits, np.zeros(0, np.int64), 2) == (1, False)
+
+
+# ---- drafters and guards ------------------------------------------------------------------------
+
+def test_ngram_drafts_the_latest_continuation():
+    d = NGramDrafter(max_ngram=3, min_ngram=1)
+    history = np.array([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3], np.int64)
+    assert d.propose(history, 2) == [5, 6]  # "2 3" last followed by 5 6
+    assert d.propose(np.array([1, 2, 3], np.int64), 4) == []
+
+
+def test_adaptive_k_falls_to_plain_and_probes_again():
+    k = AdaptiveK(cap=8)
+    assert k.next() > 1
+    for _ in range(20):
+        k.update(4, 0)
+    assert [k.next() for _ in range(8)][:7] == [0] * 7 and k.next() == 1  # a probe after a while
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+    from conftest import make_tiny
+
+    import json
+
+    make_tiny(tmp_path / "hf")
+    export(tmp_path / "hf", tmp_path / "other")
+    path = tmp_path / "other" / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: another vocabulary
+    path.write_text(json.dumps(tok))
+    with pytest.raises(BadArgumentError, match="another vocabulary"):
+        tiny.generate(REPEATING, max_new_tokens=4, speculate=Draft(Model.load(tmp_path / "other")))
+    r = CliRunner().invoke(main, ["run", str(tiny.folder), "--prompt", "the quick", "--speculate", "draft",
+                                  "--draft-model", str(tmp_path / "other")])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "same tokenizer" in r.stderr
+
+
+def test_cli_speculation_options(tiny):
+    runner = CliRunner()
+    plain = runner.invoke(main, ["run", str(tiny.folder), "--prompt", "the quick", "--max-new-tokens", "12"])
+    spec = runner.invoke(main, ["run", str(tiny.folder), "--prompt", "the quick", "--max-new-tokens", "12",
+                                "--speculate", "ngram", "--draft-tokens", "4"])
+    assert plain.exit_code == spec.exit_code == 0 and spec.stdout == plain.stdout
+    lonely = runner.invoke(main, ["run", str(tiny.folder), "--prompt", "x", "--draft-model", str(tiny.folder)])
+    assert lonely.exit_code == 2 and "--speculate draft" in lonely.stderr
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+GROUNDED = ("Copy this text exactly:\n\nThe GNU General Public License is a free, copyleft license for software "
+            "and other kinds of works. The licenses for most software and other practical works are designed "
+            "to take away your freedom to share and change the works.")
+OPEN = "Tell me a short story about a robot who learns to paint."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", [GROUNDED, OPEN], ids=["grounded", "open"])
+def test_real_model_fp32_greedy_text_is_the_plain_text(smollm2_onnx, text):
+    model = Model.load(smollm2_onnx, threads=2)
+    ids = model.render_chat([{"role": "user", "content": text}])
+    plain = ids_of(model.generate(ids, max_new_tokens=96))
+    assert ids_of(model.generate(ids, max_new_tokens=96, speculate="ngram")) == plain
+    assert ids_of(model.generate(PROMPT_IDS, max_new_tokens=48, speculate=Draft(model))) == \
+        ids_of(model.generate(PROMPT_IDS, max_new_tokens=48))
