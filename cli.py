@@ -413,9 +413,10 @@ def chat(model_dir: Path, system: str | None, provider: str, threads: int | None
 @click.option("--cache-mb", type=click.IntRange(min=0), default=None,
               help="Prompt cache: KV of recent requests kept for reuse by later ones sharing a prefix "
                    "(chat turns, system prompts). Default: 4 full contexts' KV, at most 2048; 0 turns it off.")
+@_speculation_options
 @_friendly
 def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | None, max_concurrent: int,
-          cache_mb: int | None) -> None:
+          cache_mb: int | None, **kw) -> None:
     """Serve MODEL_DIR over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Needs the serve extra: pip install 'edgellama[serve]'."""
@@ -427,10 +428,12 @@ def serve(model_dir: Path, host: str, port: int, provider: str, threads: int | N
     from edgellama.serve.server import Server, bind
 
     sock = bind(host, port)  # a taken port fails before the model loads
+    speculation = _speculation(kw, provider, threads)
     model = Model.load(model_dir, provider=provider, threads=threads)
-    server = Server(model, sock, max_concurrent, cache_bytes=None if cache_mb is None else cache_mb * 2**20)
+    server = Server(model, sock, max_concurrent, cache_bytes=None if cache_mb is None else cache_mb * 2**20,
+                    speculation=speculation)
     cache = server.engine.cache
-    caching = f"prompt cache {cache.max_bytes // 2**20} MiB" if cache is not None else "no prompt cache"
+    caching = f"prompt cache {cache.max_bytes / 2**20:.4g} MiB" if cache is not None else "no prompt cache"
     click.echo(f"serving {server.model_id} at {server.url}/v1 ({max_concurrent} at a time, {caching}; "
                "Ctrl-C stops)", err=True)
     server.run()

@@ -39,12 +39,13 @@ MAX_BODY = 16 * 2**20  # bytes; chat templates refuse more than 2 M characters o
 
 
 def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 4,
-               cache_bytes: int | None = None) -> Starlette:
-    """cache_bytes: the prompt cache's size (None: default_cache_bytes; 0: no cache)."""
+               cache_bytes: int | None = None, speculation: dict | None = None) -> Starlette:
+    """cache_bytes: the prompt cache's size (None: default_cache_bytes; 0: no cache);
+    speculation: speculate= / draft_tokens= for every generation (GenerationConfig fields)."""
     model_id = model_id or Path(model.folder).name
     cache_bytes = default_cache_bytes(model) if cache_bytes is None else cache_bytes
     cache = PromptCache(model, cache_bytes) if cache_bytes > 0 else None
-    engine = Engine(model, max_concurrent, cache)
+    engine = Engine(model, max_concurrent, cache, speculation)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

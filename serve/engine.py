@@ -2,11 +2,13 @@
 
 The Model is shared read-only; each job builds its own Generation (KV cache, IO
 binding, sampler, detokenizer) on the worker thread that runs it, so token ids never
-cross between requests. With a PromptCache, a job's decoder starts from the longest cached
-prefix of its prompt (a copy, or an entry no other job can then get) and goes back to the
-cache when the job ends or is cancelled; one whose generation raised is dropped. Steps travel to the event loop through the job's asyncio
+cross between requests. Steps travel to the event loop through the job's asyncio
 queue. A cancelled job (its client went away) never starts if it is still queued, and
 stops before its next token if it is running, freeing its worker.
+
+With a PromptCache, a job's decoder starts from the longest cached prefix of its prompt (a
+copy, or an entry no other job can get while this one has it) and goes back to the cache
+when the job ends or is cancelled between tokens; one whose generation raised is dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import AsyncIterator, Sequence
 
 from edgellama.runtime.generate import Generation, GenerationConfig, Step
@@ -61,10 +64,12 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: Model, max_concurrent: int, cache: PromptCache | None = None):
+    def __init__(self, model: Model, max_concurrent: int, cache: PromptCache | None = None,
+                 speculation: dict | None = None):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.model, self.max_concurrent, self.cache = model, max_concurrent, cache
+        self.speculation = speculation or {}  # the server's --speculate, applied to every request
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="edgellama-generate")
         self._lock = threading.Lock()
         # Counters for /health and tests: jobs waiting, running, and how jobs ended.
@@ -134,6 +139,7 @@ class Engine:
         return "finished"
 
     def _start(self, prompt_ids: list[int], config: GenerationConfig) -> tuple[Generation, int]:
+        config = replace(config, **self.speculation)
         """The generation, and how many of its prompt tokens come from the cache."""
         if self.cache is None:
             return self.model.generate(prompt_ids, config), 0

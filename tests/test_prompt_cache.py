@@ -16,8 +16,8 @@ from edgellama.runtime.contract import KVLayout
 from edgellama.runtime.decoder import Decoder
 from edgellama.runtime.generate import Generation
 from edgellama.runtime.model import Model, make_config
-from edgellama.runtime.prompt_cache import (MIN_FORK_SHARE, PromptCache, common_prefix, decoder_bytes, default_cache_bytes,
-                                            kv_bytes_per_token)
+from edgellama.runtime.prompt_cache import (MIN_FORK_SHARE, PromptCache, common_prefix, decoder_bytes,
+                                            default_cache_bytes, kv_bytes_per_token)
 
 ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
 SYSTEM = {"role": "system", "content": "You are the quick brown fox. You jump over the lazy dog. def f(x): return x"}
