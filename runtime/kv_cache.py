@@ -80,6 +80,12 @@ class KVCache:
         """(length,) int64 view of the tokens held."""
         return self.ids[0, : self.length]
 
+    @property
+    def nbytes(self) -> int:
+        """What this cache allocates: ids, mask and every K/V buffer."""
+        kv = sum(int(np.prod(v.shape())) for v in self._values.values()) * self.gio.kv_dtype.itemsize
+        return self.ids.nbytes + self.mask.nbytes + kv
+
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` tokens, keeping what is held."""
         if capacity > self.capacity:

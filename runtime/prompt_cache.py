@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from . import contract as io
-from .decoder import Decoder
+from .decoder import Decoder, common_prefix
 
 if TYPE_CHECKING:
     from .generate import Generation, GenerationConfig
@@ -53,30 +52,6 @@ def kv_bytes_per_token(model: "Model") -> int:
 
 def default_cache_bytes(model: "Model") -> int:
     return min(DEFAULT_CONTEXTS * model.context_length * kv_bytes_per_token(model), DEFAULT_CAP)
-
-
-def decoder_bytes(decoder: Decoder) -> int:
-    """What a decoder's cache allocates: ids and mask, and every K/V buffer as its shape says
-    (kv_cache.py keeps them in `_values`; a `KVCache.nbytes` there would replace this)."""
-    cache = decoder.cache
-    kv = sum(int(np.prod(v.shape())) for v in cache._values.values()) * cache.gio.kv_dtype.itemsize
-    return cache.ids.nbytes + cache.mask.nbytes + kv
-
-
-def common_prefix(held: np.ndarray, prompt: np.ndarray) -> int:
-    """How many leading tokens the two share."""
-    n = min(len(held), len(prompt))
-    differ = np.flatnonzero(held[:n] != prompt[:n])
-    return int(differ[0]) if len(differ) else n
-
-
-def _release_last_run(decoder: Decoder) -> None:
-    """Let go of what the IO binding still holds from the decoder's last run: a concat cache's
-    previous pasts (bound as inputs; as big as the cache: a kept decoder measured 2.2x its
-    buffers' bytes in RSS) and an allocated LOGITS output (a graph without logits_to_keep
-    returns (1, chunk, vocab)). Every step binds both again before it runs."""
-    decoder.cache.bind(decoder.binding, 0)  # pasts: what the cache holds now
-    decoder.binding.bind_output(io.LOGITS, "cpu")
 
 
 class PromptCache:
@@ -138,10 +113,10 @@ class PromptCache:
         """Keep `decoder` (the caller must not use it again): entries holding a prefix of
         its tokens go, and so do the least recently used beyond max_bytes. Not kept if it
         holds nothing, if an entry already holds all it holds, or if it alone is too big."""
-        held, nbytes = decoder.tokens, decoder_bytes(decoder)
+        held, nbytes = decoder.tokens, decoder.cache.nbytes
         if not len(held) or nbytes > self.max_bytes:
             return
-        _release_last_run(decoder)
+        decoder.release()
         with self._lock:
             for key, (other, other_bytes) in list(self._entries.items()):
                 same = common_prefix(other.tokens, held)

@@ -16,8 +16,8 @@ from edgellama.runtime.contract import KVLayout
 from edgellama.runtime.decoder import Decoder
 from edgellama.runtime.generate import Generation
 from edgellama.runtime.model import Model, make_config
-from edgellama.runtime.prompt_cache import (MIN_FORK_SHARE, PromptCache, common_prefix, decoder_bytes,
-                                            default_cache_bytes, kv_bytes_per_token)
+from edgellama.runtime.decoder import common_prefix
+from edgellama.runtime.prompt_cache import MIN_FORK_SHARE, PromptCache, default_cache_bytes, kv_bytes_per_token
 
 ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
 SYSTEM = {"role": "system", "content": "You are the quick brown fox. You jump over the lazy dog. def f(x): return x"}
@@ -127,7 +127,7 @@ def test_store_keeps_the_longest_and_counts_real_bytes(model):
     long.prefill(ids)
     cache.store(short)
     cache.store(long)  # short is a prefix of it: superseded
-    assert len(cache) == 1 and cache.bytes == decoder_bytes(long)
+    assert len(cache) == 1 and cache.bytes == long.cache.nbytes
     again = Decoder(model, 100)
     again.prefill(ids[:12])
     cache.store(again)  # long already holds all of it
@@ -135,9 +135,9 @@ def test_store_keeps_the_longest_and_counts_real_bytes(model):
     per_token = kv_bytes_per_token(model)
     assert per_token == 2 * 2 * 2 * 16 * 4  # layers, K and V, kv heads, head_dim, float32
     if model.kv_layout is KVLayout.SHARED:  # preallocated: counted by capacity, not length
-        assert decoder_bytes(long) == 100 * (per_token + 16)
+        assert long.cache.nbytes == 100 * (per_token + 16)
     else:
-        assert decoder_bytes(long) == len(ids) * per_token + 100 * 16
+        assert long.cache.nbytes == len(ids) * per_token + 100 * 16
     assert default_cache_bytes(model) == 4 * model.context_length * per_token
     off = PromptCache(model, 0)
     for _ in off.generate(ids, max_new_tokens=2):
