@@ -17,9 +17,8 @@ Two drafters behind one interface (`propose(history, k) -> list[int]`):
             longest suffix n-gram of the history (summaries, extraction, edits, quoting)
     Draft   a smaller model with the same vocabulary, greedy, with its own KV cache
 
-How many to draft adapts (AdaptiveK): from the recent acceptance rate, the k that
-maximises expected tokens per unit of forward cost, down to 0 (plain decoding) when drafts
-keep failing, probing again now and then.
+How many to draft adapts (AdaptiveK): the cap while recent drafts mostly hold, down to 0
+(plain decoding) when they keep failing, probing again now and then.
 """
 
 from __future__ import annotations
@@ -129,35 +128,40 @@ def make_drafter(speculate, target: "Model") -> Drafter | None:
 # ---- how many to draft -----------------------------------------------------------------------
 
 # One forward over S tokens costs about 1 + STEP_COST * (S - 1) single-token steps (measured on
-# SmolLM2 int4, 2 threads: 1.11x at S=2, 1.78x at S=4, 2.52x at S=8).
+# SmolLM2 int4, 2 threads: 1.11x at S=2, 1.78x at S=4, 2.52x at S=8): drafting one token pays
+# off once more than STEP_COST of drafts are accepted.
 STEP_COST = 0.22
 
 
 class AdaptiveK:
-    """The draft length: the k in 0..cap with the most expected tokens per unit of cost, for
-    the recent acceptance rate (an exponential average over drafted tokens)."""
+    """The draft length: the cap while recent drafts mostly hold, plain decoding (0) once
+    they stop paying for themselves, with a one-token probe now and then to notice text
+    turning repetitive again. "Recent" is an exponential average over drafted tokens.
 
-    def __init__(self, cap: int, rate: float = 0.6, decay: float = 0.8, probe_every: int = 8):
-        self.cap, self.rate, self.decay, self.probe_every = cap, rate, decay, probe_every
-        self._idle = 0  # steps since the last draft
+    Acceptance comes in runs (a copied passage is accepted whole, free text is rejected at
+    once), so a geometric model of it drafts too short, and a failed draft counts as one
+    rejection, not one per token after it. On SmolLM2's grounded prompts (128 tokens, median
+    of 6): 2.92 tokens per forward on fp32, 2.70 on int4, against 1.81 and 1.59 when every
+    token after a rejection counted, and 1.84 / 1.49 for a schedule that shrank the draft
+    after each rejection."""
+
+    def __init__(self, cap: int, floor: float = STEP_COST + 0.05, decay: float = 0.8, probe_every: int = 8):
+        self.cap, self.floor, self.decay, self.probe_every = cap, floor, decay, probe_every
+        self.rate = 0.6  # optimistic start: the first drafts decide
+        self._idle = 0  # steps without a draft since the rate fell below the floor
 
     def next(self) -> int:
-        best = max(range(self.cap + 1), key=self._value)
-        if best == 0 and self.cap > 0:
-            self._idle += 1
-            if self._idle >= self.probe_every:  # look again: the text may have turned repetitive
-                return 1
-        return best
-
-    def _value(self, k: int) -> float:
-        a = min(self.rate, 0.999)
-        return (1 - a ** (k + 1)) / (1 - a) / (1 + STEP_COST * k)
+        if self.rate >= self.floor:
+            return self.cap
+        self._idle += 1
+        return 1 if self._idle >= self.probe_every and self.cap else 0
 
     def update(self, drafted: int, accepted: int) -> None:
-        if drafted:
-            self._idle = 0
-            for i in range(drafted):  # the first rejection ends the run: later drafts count as rejected
-                self.rate = self.decay * self.rate + (1 - self.decay) * (1.0 if i < accepted else 0.0)
+        if not drafted:
+            return
+        self._idle = 0
+        for i in range(min(accepted + 1, drafted)):  # the drafts that held, then the one that failed
+            self.rate = self.decay * self.rate + (1 - self.decay) * (1.0 if i < accepted else 0.0)
 
 
 @dataclass

@@ -145,7 +145,10 @@ class LlamaCpp:
         kw = dict(model_path=a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=2048, n_batch=512,
                   verbose=False)
         self.llms = {"plain": Llama(**kw),
-                     "lookup": Llama(**kw, draft_model=LlamaPromptLookupDecoding(
+                     # logits_all=True: llama-cpp-python 0.3.36 sizes its scores buffer from the logits_all
+                 # argument (n_batch rows without it), so a draft run past n_batch tokens fails with
+                 # "could not broadcast input array" although draft_model forces logits_all on.
+                 "lookup": Llama(**kw, logits_all=True, draft_model=LlamaPromptLookupDecoding(
                          num_pred_tokens=a.draft_tokens, max_ngram_size=a.ngram))}
         self.calls = {}
         for mode, llm in self.llms.items():
