@@ -203,5 +203,6 @@ class Generation:
             d.cache.rewind(len(drafts) - accepted)
             logits = rows[accepted]
             adapt.update(len(drafts), accepted)
-            stats.drafted, stats.accepted, stats.tokens = stats.drafted + len(drafts), stats.accepted + accepted, \
-                stats.tokens + accepted + 1
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            stats.tokens += accepted + 1

@@ -98,6 +98,22 @@ def make_tiny(folder: Path, family: str = "llama", **overrides):
     return model
 
 
+def tiny_model_of_layout(tmp_path_factory, layout, threads: int = 1, **overrides):
+    """A tiny random model exported with the attention that gives KV layout `layout` (a
+    runtime.contract.KVLayout), loaded: for module fixtures parametrized over both layouts."""
+    from edgellama.exporter.export import ExportOptions, export
+    from edgellama.runtime.contract import KVLayout
+    from edgellama.runtime.model import Model
+
+    attention = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}[layout]
+    base = tmp_path_factory.mktemp(f"tiny-{layout.value}")
+    make_tiny(base / "hf", **overrides)
+    export(base / "hf", base / "onnx", ExportOptions(attention=attention))
+    model = Model.load(base / "onnx", threads=threads)
+    assert model.kv_layout is layout
+    return model
+
+
 @pytest.fixture
 def tiny_factory(tmp_path):
     def make(name: str = "tiny", family: str = "llama", **overrides):

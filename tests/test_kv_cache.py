@@ -6,26 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgellama.exporter.export import ExportOptions, export
 from edgellama.runtime.contract import KVLayout
 from edgellama.runtime.decoder import Decoder
 from edgellama.runtime.kv_cache import ConcatKVCache, SharedKVCache
-from edgellama.runtime.model import Model
 
 PROMPT = [5, 17, 42, 99, 7, 123, 64, 250, 31, 8]
-ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
 
 
 @pytest.fixture(scope="module", params=list(KVLayout), ids=lambda k: k.value)
 def model(request, tmp_path_factory):
-    from conftest import make_tiny
+    from conftest import tiny_model_of_layout
 
-    base = tmp_path_factory.mktemp(f"kv-{request.param.value}")
-    make_tiny(base / "hf")
-    export(base / "hf", base / "onnx", ExportOptions(attention=ATTENTION[request.param]))
-    m = Model.load(base / "onnx", threads=1)
-    assert m.kv_layout is request.param
-    return m
+    return tiny_model_of_layout(tmp_path_factory, request.param)
 
 
 def fresh(model, tokens) -> np.ndarray:

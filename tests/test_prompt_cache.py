@@ -11,29 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgellama.exporter.export import ExportOptions, export
 from edgellama.runtime.contract import KVLayout
-from edgellama.runtime.decoder import Decoder
+from edgellama.runtime.decoder import Decoder, common_prefix
 from edgellama.runtime.generate import Generation
-from edgellama.runtime.model import Model, make_config
-from edgellama.runtime.decoder import common_prefix
+from edgellama.runtime.model import make_config
 from edgellama.runtime.prompt_cache import MIN_FORK_SHARE, PromptCache, default_cache_bytes, kv_bytes_per_token
 
-ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
 SYSTEM = {"role": "system", "content": "You are the quick brown fox. You jump over the lazy dog. def f(x): return x"}
 BIG = 64 * 2**20
 
 
 @pytest.fixture(scope="module", params=list(KVLayout), ids=lambda k: k.value)
 def model(request, tmp_path_factory):
-    from conftest import make_tiny
+    from conftest import tiny_model_of_layout
 
-    base = tmp_path_factory.mktemp(f"pc-{request.param.value}")
-    make_tiny(base / "hf")
-    export(base / "hf", base / "onnx", ExportOptions(attention=ATTENTION[request.param]))
-    m = Model.load(base / "onnx", threads=1)
-    assert m.kv_layout is request.param
-    return m
+    return tiny_model_of_layout(tmp_path_factory, request.param)
 
 
 def chat(model, *turns: str, system: bool = True) -> list[int]:

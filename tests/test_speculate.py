@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import PROMPT_IDS
 from edgellama.cli import main
-from edgellama.exporter.export import ExportOptions, export
+from edgellama.exporter.export import export
 from edgellama.runtime.contract import KVLayout
 from edgellama.runtime.errors import BadArgumentError
 from edgellama.runtime.model import Model
@@ -17,17 +17,13 @@ from edgellama.runtime.sampling import SamplingParams, make_sampler, softmax
 from edgellama.runtime.speculate import AdaptiveK, Draft, NGramDrafter
 
 REPEATING = [5, 6, 7, 8, 9, 10, 11] * 3 + [5, 6]  # prompt lookup finds plenty here
-ATTENTION = {KVLayout.SHARED: "gqa", KVLayout.CONCAT: "standard"}
 
 
 @pytest.fixture(scope="module", params=list(KVLayout), ids=lambda k: k.value)
 def tiny(request, tmp_path_factory):
-    from conftest import make_tiny
+    from conftest import tiny_model_of_layout
 
-    base = tmp_path_factory.mktemp(f"spec-{request.param.value}")
-    make_tiny(base / "hf", max_position_embeddings=64)
-    export(base / "hf", base / "onnx", ExportOptions(attention=ATTENTION[request.param]))
-    return Model.load(base / "onnx", threads=1)
+    return tiny_model_of_layout(tmp_path_factory, request.param, max_position_embeddings=64)
 
 
 def ids_of(gen) -> list[int]:

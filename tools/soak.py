@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgellama.runtime.model import Model
+from edgellama.runtime.prompt_cache import kv_bytes_per_token
 
 
 def rss_bytes() -> int | None:
@@ -30,11 +31,6 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def kv_bytes_per_token(model: Model) -> int:
-    g = model.graph_io
-    return g.num_layers * 2 * g.num_kv_heads * g.head_dim * g.kv_dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from cpuload import ForeignLoad, wait_quiet  # noqa: E402
+from decode_peer import versions  # noqa: E402
 
 EOS = 2  # <|im_end|>
 
@@ -223,19 +224,6 @@ class Transformers:
 
 
 SYSTEMS = {"edgellama": Edgellama, "genai": Genai, "llamacpp": LlamaCpp, "transformers": Transformers}
-
-
-def versions(system):
-    import importlib.metadata as md
-    names = {"genai": ["onnxruntime-genai", "onnxruntime"], "llamacpp": ["llama-cpp-python"],
-             "transformers": ["transformers", "torch"], "edgellama": ["edgellama", "onnxruntime"]}[system]
-    out = {}
-    for n in names:
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def main():
