@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import glob
+import logging
 import os
 import secrets
 import shutil
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError, OutputExistsError, OutputWriteError
+
+log = logging.getLogger("edgellama")
 
 # Write failures that mean "no room", and what to tell the user about each.
 _NO_ROOM = {
@@ -28,7 +32,8 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
     an existing `target` is left untouched.
     """
     target = check_target(target, force)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+    clear_stale_partials(target)
+    tmp = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:  # entered before the folder exists: a Ctrl-C right after mkdir still removes it
         try:
             tmp.mkdir(mode=0o700)
@@ -49,6 +54,39 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def clear_stale_partials(target: Path) -> list[Path]:
+    """Remove the temporary folders a killed writer (SIGKILL, power loss) left beside `target`:
+    their writer's process id is in the name, and a writer that no longer runs will never
+    finish them. One named by an older edgellama (no process id) is left alone and named."""
+    cleared = []
+    for tmp in Path(target).parent.glob(f".{glob.escape(Path(target).name)}.*.partial"):
+        pid = tmp.name[len(Path(target).name) + 2:].split("-", 1)[0]
+        if not pid.isdigit():
+            log.warning("%s was left by an interrupted write; remove it if no export is running", tmp)
+            continue
+        if _alive(int(pid)):
+            continue
+        if tmp.is_dir():
+            _remove(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+        cleared.append(tmp)
+        log.warning("removed %s, left by an interrupted write (process %s is gone)", tmp, pid)
+    return cleared
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: leave it
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from edgellama.buildkit.output import clear_stale_partials
 from edgellama.runtime.bundle import BUNDLE_CHUNKS, BUNDLE_SUMS, safe_member_name
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, OutputExistsError
@@ -46,7 +47,8 @@ def pack(folder: Path, bundle: Path, force: bool = False, chunk_bytes: int = CHU
         raise OutputExistsError(f"{bundle}: already exists; pass --force to replace it")
     if not bundle.parent.is_dir():
         raise BadArgumentError(f"{bundle.parent}: output's parent folder does not exist; create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".partial", dir=bundle.parent)
+    clear_stale_partials(bundle)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{bundle.name}.{os.getpid()}-", suffix=".partial", dir=bundle.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:

@@ -23,7 +23,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 # Appended to the errors of what only the native builder lacks (exporter/via_optimum.py covers more).
-VIA_OPTIMUM_HINT = "; try 'edgellama export --via optimum' (pip install 'edgellama[optimum]')"
+VIA_OPTIMUM_HINT = "; try 'edgellama export --via optimum' (needs optimum-onnx: pip install 'optimum-onnx>=0.1')"
 
 
 _FIX = "fix the config or re-download the model"

@@ -49,11 +49,15 @@ class ExportOptions:
 
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
+WRITE_STEPS = 3  # the graph, the tokenizer files, the manifest (and genai_config.json)
 
 
 def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
            progress: Progress = lambda done, total, what: None) -> Manifest:
-    """Write `out_dir` from a HF folder or GGUF file; all or nothing."""
+    """Write `out_dir` from a HF folder or GGUF file; all or nothing.
+
+    Progress phases: "build:layers" (decoder layers built, their weights written as they stream),
+    then "write". --via optimum reports its own (see via_optimum.py)."""
     check_not_source(source, out_dir)
     if options.via == "optimum":
         from .via_optimum import export_via_optimum
@@ -68,10 +72,13 @@ def export(source: Path, out_dir: Path, options: ExportOptions = ExportOptions()
         plan = _plan(ckpt.config, options)
         with atomic_folder(out_dir, force=options.force) as tmp:
             quant = _write_graph(ckpt, plan, tmp, progress, options.quant)
+            progress(1, WRITE_STEPS, "write")
             write_tokenizer(tok, tmp)
+            progress(2, WRITE_STEPS, "write")
             manifest = _manifest(ckpt, plan, tok, source, quant)
             (tmp / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
             (tmp / io.GENAI_CONFIG_NAME).write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
+            progress(3, WRITE_STEPS, "write")
         return manifest
     finally:
         ckpt.close()
@@ -93,7 +100,7 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     if ckpt.has("rope_freqs"):  # Llama 3.1 GGUFs carry the llama3 scaling as per-frequency divisors
         inv_freq = inv_freq / ckpt.get("rope_freqs").astype(np.float64)
     total = cfg.num_layers
-    progress(0, total, "layers")
+    progress(0, total, "build:layers")
     with open(folder / io.GRAPH_DATA_NAME, "wb") as data:
         g = GraphWriter(data, io.GRAPH_DATA_NAME)
         proj = None
@@ -101,7 +108,8 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
             from .quantized import QuantProjections
 
             proj = QuantProjections(quant, plan.np_dtype)
-        model = build_decoder(g, cfg, plan, ckpt, inv_freq, proj, on_layer=lambda i: progress(i + 1, total, "layers"))
+        model = build_decoder(g, cfg, plan, ckpt, inv_freq, proj, on_layer=lambda i: progress(i + 1, total, "build:layers"))
+        progress(0, WRITE_STEPS, "write")
     onnx.save_model(model, folder / io.GRAPH_NAME)
     if proj is None:
         return None

@@ -49,7 +49,7 @@ from .tokenizer import TokenizerFiles, write_tokenizer
 from .tokenizer_hf import tokenizer_from_hf
 
 TASK = "text-generation-with-past"
-INSTALL_HINT = "install it with: pip install 'edgellama[optimum]'"
+INSTALL_HINT = "install it with: pip install 'optimum-onnx>=0.1' (the optimum extra)"
 # HF model_type values that onnxruntime-genai (0.8+) runs as a plain decoder: genai_config.json is
 # written for these only.
 GENAI_TYPES = frozenset({"llama", "mistral", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
@@ -62,7 +62,10 @@ def export_via_optimum(source: Path, out_dir: Path, options, progress) -> Manife
     """Write `out_dir` from a HF folder through optimum's tracer; all or nothing.
 
     `options` is exporter.export.ExportOptions; with options.quant the float folder is
-    written beside the target first and quantized into it by the quantize package's `quantize_folder`."""
+    written beside the target first and quantized into it by the quantize package's `quantize_folder`.
+
+    Progress phases: "trace" (optimum's export, one step), "save:tensors" (the traced weights
+    moved into model.onnx.data), "write"; with options.quant then quantize_folder's own."""
     source, out_dir = Path(source), Path(out_dir)
     check_target(out_dir, options.force)
     if options.attention != "auto":
@@ -79,7 +82,8 @@ def export_via_optimum(source: Path, out_dir: Path, options, progress) -> Manife
 
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".float", dir=out_dir.absolute().parent) as work:
         float_dir = Path(work)
-        _write_float(source, config, weights, tokenizer, tracer, options.dtype, float_dir, lambda d, t, w: None)
+        _write_float(source, config, weights, tokenizer, tracer, options.dtype, float_dir, progress,
+                     last="float write")  # not the quantized folder's "write"
         return quantize_folder(float_dir, out_dir, replace(options.quant, force=options.force), progress)
 
 
@@ -149,26 +153,26 @@ class _Tracer:
 
 
 def _write_float(source: Path, config: dict[str, Any], weights: list[Path], tok: TokenizerFiles, tracer: _Tracer,
-                 dtype: str, folder: Path, progress) -> Manifest:
-    progress(0, 3, "steps")
+                 dtype: str, folder: Path, progress, last: str = "write") -> Manifest:
+    progress(0, 1, "trace")
     scratch = folder / ".optimum"
     tracer.trace(source, scratch, dtype)
-    progress(1, 3, "steps")
     model = onnx.load(str(scratch / "model.onnx"))  # with its external data, if any
+    progress(1, 1, "trace")
     shape = _check_io(model.graph, scratch / "model.onnx")
     _logits_to_float32(model.graph)
     _share_tied_table(model)
-    _save_aligned(model, folder)
+    _save_aligned(model, folder, progress)
     del model
     shutil.rmtree(scratch)
-    progress(2, 3, "steps")
+    progress(0, 1, last)
     write_tokenizer(tok, folder)
     manifest = _manifest(config, shape, tok, dtype, source, weights, tracer.versions)
     (folder / io.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     if config.get("model_type") in GENAI_TYPES:
         genai = genai_config(manifest, config["model_type"])
         (folder / io.GENAI_CONFIG_NAME).write_text(json.dumps(genai, indent=2) + "\n")
-    progress(3, 3, "steps")
+    progress(1, 1, last)
     return manifest
 
 
@@ -258,18 +262,21 @@ def _share_tied_table(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MS, 1))
 
 
-def _save_aligned(model: onnx.ModelProto, folder: Path) -> None:
+def _save_aligned(model: onnx.ModelProto, folder: Path, progress=lambda done, total, what: None) -> None:
     """model.onnx + model.onnx.data, weights page-aligned like the native exporter's."""
     kept: list[TensorProto] = []
+    total = len(model.graph.initializer)
+    progress(0, total, "save:tensors")
     with open(folder / io.GRAPH_DATA_NAME, "wb") as data:
         g = GraphWriter(data, io.GRAPH_DATA_NAME)
-        for t in model.graph.initializer:
+        for i, t in enumerate(model.graph.initializer):
             arr = numpy_helper.to_array(t)
             if arr.nbytes >= _MIN_EXTERNAL_BYTES:
                 g.weight(t.name, arr)
                 t.ClearField("raw_data")  # free it as we go
             else:
                 kept.append(t)
+            progress(i + 1, total, "save:tensors")
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + g.initializers)
     onnx.save_model(model, str(folder / io.GRAPH_NAME))

@@ -54,10 +54,11 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
     names = sorted(inputs)
     for name in names:
         probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    starts = list(range(0, len(ids) - 1, window))
+    progress(0, len(starts), "calibrate:windows")  # before the session: creating it takes a while
     session = make_session(probe.SerializeToString(), "cpu", threads, external_data_folder=folder)
     gio = GraphIO.from_session(session, str(folder), manifest.num_kv_heads, manifest.head_dim)
     hessians = {name: None for name in names}
-    starts = list(range(0, len(ids) - 1, window))
     for n_done, start in enumerate(starts):
         chunk = np.asarray(ids[start:start + window], np.int64)[None]
         feed = {io.INPUT_IDS: chunk, io.ATTENTION_MASK: np.ones_like(chunk)}
@@ -72,5 +73,5 @@ def collect_hessians(folder: Path, model: onnx.ModelProto, inputs: set[str], tex
             x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
             h = (x.T @ x).astype(np.float64)
             hessians[name] = h if hessians[name] is None else hessians[name] + h
-        progress(n_done + 1, len(starts), "calibration windows")
+        progress(n_done + 1, len(starts), "calibrate:windows")
     return hessians, len(ids)

@@ -34,11 +34,16 @@ from .gptq import gptq
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
-Progress = Callable[[int, int, str], None]
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+WRITE_STEPS = 3  # the weights file finished, the graph, the manifest
 
 
 def quantize_folder(src: Path, out: Path, options: QuantOptions,
                     progress: Progress = lambda done, total, what: None) -> Manifest:
+    """Write `out`, a block-quantized copy of the float folder `src`; all or nothing.
+
+    Progress phases: "calibrate:windows" (calibrated methods only), "fit:tensors" (each
+    distinct weight quantized; the total is the manifest's quantized_weights), "write"."""
     src, out = Path(src), Path(out)
     check_not_source(src, out)
     check_target(out, options.force)
@@ -49,18 +54,23 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     check_external_data(src / io.GRAPH_NAME)
     model = onnx.load(str(src / io.GRAPH_NAME), load_external_data=False)
     reader = InitializerReader(src, model.graph)
-    hessians = (_calibrate(src, model, reader, options, manifest.vocab_size, progress)
-                if options.calibrated else {})
+    targets = _targets(model.graph, reader, options, manifest.vocab_size)
+    hessians = _calibrate(src, model, targets, options, progress) if options.calibrated else {}
     with atomic_folder(out, force=options.force) as tmp:
         copy_model_files(src, tmp, {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME})
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
             g = GraphWriter(data, io.GRAPH_DATA_NAME, prefix="quant/")  # apart from the copied nodes' names
-            errors = _rewrite(model.graph, reader, g, options, np.dtype(manifest.kv_numpy_dtype), progress,
-                              manifest.vocab_size, hessians)
+            errors = _rewrite(model.graph, targets, reader, g, options, np.dtype(manifest.kv_numpy_dtype),
+                              progress, hessians)
+            progress(0, WRITE_STEPS, "write")
+            _keep_float_initializers(model.graph, reader, g)
+        progress(1, WRITE_STEPS, "write")
         _finish(model, g)
         onnx.save_model(model, str(tmp / io.GRAPH_NAME))
+        progress(2, WRITE_STEPS, "write")
         new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors))
         (tmp / io.MANIFEST_NAME).write_text(new.to_json(), encoding="utf-8")
+        progress(3, WRITE_STEPS, "write")
     return new
 
 
@@ -101,16 +111,24 @@ class _Target(NamedTuple):
     head: bool = False  # the lm_head: a matmul whose output size is the vocabulary
 
 
-def _calibrate(src: Path, model: onnx.ModelProto, reader: InitializerReader, opt: QuantOptions, vocab: int,
+def _targets(graph: onnx.GraphProto, reader: InitializerReader, opt: QuantOptions,
+             vocab: int) -> list[_Target | None]:
+    """What to quantize for each node of the graph, in order (None: kept as it is)."""
+    transposed = _transposed_weights(graph, reader)
+    return [_quantizable(node, reader, opt, transposed, vocab) for node in graph.node]
+
+
+def _fresh_count(targets: list[_Target | None]) -> int:
+    """How many weights get quantized: one per distinct (kind, weight, layout, bits), as _emit stores them."""
+    return len({t[:4] for t in targets if t is not None})
+
+
+def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None], opt: QuantOptions,
                progress: Progress) -> dict[str, np.ndarray]:
     """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables)."""
     from .calibrate import collect_hessians
 
-    transposed = _transposed_weights(model.graph, reader)
-    inputs = set()
-    for node in model.graph.node:
-        if _projection(_quantizable(node, reader, opt, transposed, vocab)):
-            inputs.add(node.input[0])
+    inputs = {node.input[0] for node, target in zip(model.graph.node, targets) if _projection(target)}
     text = None
     if opt.calibration is not None:
         path = Path(opt.calibration)
@@ -127,21 +145,30 @@ def _projection(target: _Target | None) -> bool:
     return target is not None and target.kind == "matmul" and not target.head
 
 
-def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, opt: QuantOptions,
-             dtype: np.dtype, progress: Progress, vocab: int,
+def _rewrite(graph: onnx.GraphProto, targets: list[_Target | None], reader: InitializerReader, g: GraphWriter,
+             opt: QuantOptions, dtype: np.dtype, progress: Progress,
              hessians: dict[str, np.ndarray] | None = None) -> list[float]:
-    """Re-emit every node into g, quantizing weights on the way; returns relative errors."""
-    transposed = _transposed_weights(graph, reader)
-    total, errors, sums, done = len(graph.node), [], {}, {}
+    """Re-emit every node into g, quantizing weights on the way; returns their relative errors,
+    one per weight quantized (progress "fit:tensors" counts them)."""
+    total, errors, sums, done = _fresh_count(targets), [], {}, {}
     once = _WriteOnce(g)
-    for i, node in enumerate(graph.node):
-        target = _quantizable(node, reader, opt, transposed, vocab)
+    progress(0, total, "fit:tensors")
+    for node, target in zip(graph.node, targets):
         if target is None:
             g.nodes.append(node)
-        else:
-            hessian = (hessians or {}).get(node.input[0]) if _projection(target) else None
-            errors.extend(_emit(node, target, reader, once, opt, dtype, sums, done, hessian))
-        progress(i + 1, total, "nodes")
+            continue
+        hessian = (hessians or {}).get(node.input[0]) if _projection(target) else None
+        fresh = _emit(node, target, reader, once, opt, dtype, sums, done, hessian)
+        errors.extend(fresh)
+        if fresh:
+            progress(len(errors), total, "fit:tensors")
+    return errors
+
+
+def _keep_float_initializers(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter) -> None:
+    """Drop the Transposes of weights nothing reads any more, and copy the float initializers
+    the nodes still use (norms, rope tables, a kept table ...) into g."""
+    transposed = _transposed_weights(graph, reader)
     used = _used_names(g.nodes) | {o.name for o in graph.output}
     g.nodes[:] = [n for n in g.nodes if not (n.op_type == "Transpose" and n.output[0] in transposed
                                              and n.output[0] not in used)]
@@ -149,7 +176,6 @@ def _rewrite(graph: onnx.GraphProto, reader: InitializerReader, g: GraphWriter, 
     for name in _used_names(g.nodes):  # float initializers still used (norms, rope tables, a kept table ...)
         if name in reader.protos and name not in written:
             _copy_initializer(reader, g, name)
-    return errors
 
 
 def _transposed_weights(graph: onnx.GraphProto, reader: InitializerReader) -> dict[str, str]:

@@ -39,3 +39,35 @@ class OutputWriteError(EdgeLlamaError):
 
 class MissingExtraError(EdgeLlamaError):
     """The command needs packages of an optional extra that is not installed."""
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs an optional extra's packages. Named package by package
+    (read from this install's metadata), so it works however edgellama itself was installed:
+    from a clone, a wheel or a folder."""
+    try:
+        from importlib.metadata import PackageNotFoundError, requires
+    except ImportError:  # pragma: no cover
+        return f"pip install 'edgellama[{extra}]'"
+    try:
+        lines = requires("edgellama") or []
+    except PackageNotFoundError:
+        lines = []
+    marker = f'extra == "{extra}"'
+    specs = []
+    for line in lines:
+        if marker in line.replace("'", '"'):
+            spec = line.split(";", 1)[0].strip()
+            if spec.startswith("edgellama["):  # an extra built on another: its packages
+                inner = spec[len("edgellama["):-1]
+                specs += [s for e in inner.split(",") for s in _extra_specs(lines, e.strip())]
+            else:
+                specs.append(spec)
+    if not specs:
+        return f"pip install 'edgellama[{extra}]'"
+    return "pip install " + " ".join(f"'{s}'" for s in dict.fromkeys(specs))
+
+
+def _extra_specs(lines: list[str], extra: str) -> list[str]:
+    marker = f'extra == "{extra}"'
+    return [line.split(";", 1)[0].strip() for line in lines if marker in line.replace("'", '"')]

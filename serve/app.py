@@ -2,8 +2,11 @@
 
     POST /v1/chat/completions   messages through the model's chat template; stream or not
     POST /v1/completions        a raw prompt (text or token ids); stream or not
-    GET  /v1/models[/{id}]      the one model served, named after its folder
+    GET  /v1/models[/{id}]      the one model served, named after its folder or bundle (or as told)
     GET  /health                {"status": "ok", queued, running, ..., prompt_cache}
+
+With an API key, every request but those to /health (and OPTIONS) must carry
+`Authorization: Bearer KEY`; others get OpenAI's 401 before any route runs.
 
 Request bodies are parsed and checked (and chat templates rendered) on a worker thread
 before any response starts; generation runs in the Engine. If the client disconnects,
@@ -12,6 +15,7 @@ its job is cancelled, streaming or not.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -22,14 +26,16 @@ import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgellama.runtime.model import Model
 from edgellama.runtime.prompt_cache import PromptCache, default_cache_bytes
 
+from . import check_api_key, default_model_id
 from .engine import Engine, Job
 from .protocol import (Answer, APIError, Done, Plan, check_model, error_for, parse_json, plan_chat,
                        plan_completion)
@@ -39,10 +45,15 @@ MAX_BODY = 16 * 2**20  # bytes; chat templates refuse more than 2 M characters o
 
 
 def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 4,
-               cache_bytes: int | None = None, speculation: dict | None = None) -> Starlette:
-    """cache_bytes: the prompt cache's size (None: default_cache_bytes; 0: no cache);
-    speculation: speculate= / draft_tokens= for every generation (GenerationConfig fields)."""
-    model_id = model_id or Path(model.folder).name
+               cache_bytes: int | None = None, speculation: dict | None = None,
+               api_key: str | None = None) -> Starlette:
+    """model_id: the name served (None: default_model_id of the model's folder or bundle);
+    cache_bytes: the prompt cache's size (None: default_cache_bytes; 0: no cache);
+    speculation: speculate= / draft_tokens= for every generation (GenerationConfig fields);
+    api_key: if set, every route but /health needs `Authorization: Bearer <api_key>`."""
+    if api_key is not None:
+        check_api_key(api_key)
+    model_id = model_id or default_model_id(model.folder)
     cache_bytes = default_cache_bytes(model) if cache_bytes is None else cache_bytes
     cache = PromptCache(model, cache_bytes) if cache_bytes > 0 else None
     engine = Engine(model, max_concurrent, cache, speculation)
@@ -87,9 +98,52 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
         Route("/health", health, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.engine, app.state.model_id = engine, model_id
+    middleware = [Middleware(RequireKey, api_key=api_key)] if api_key is not None else []
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
+    app.state.engine, app.state.model_id, app.state.api_key_required = engine, model_id, api_key is not None
     return app
+
+
+NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
+          "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). This server's key is the one it was "
+          "started with (--api-key or EDGELLAMA_API_KEY).")
+WRONG_KEY = ("Incorrect API key provided. This server accepts only the key it was started with "
+             "(--api-key or EDGELLAMA_API_KEY).")
+OPEN_PATHS = frozenset({"/health"})
+
+
+class RequireKey:
+    """ASGI middleware: an HTTP request without `Authorization: Bearer <api_key>` gets
+    OpenAI's 401 (`invalid_request_error`; code null when no key was sent, as OpenAI's,
+    `invalid_api_key` for a wrong one) and never reaches a route, streamed or not.
+    /health and OPTIONS pass (a CORS preflight carries no credentials); so does lifespan."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self._key = app, api_key.encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = _bearer(scope)
+        if given is not None and hmac.compare_digest(given, self._key):
+            await self.app(scope, receive, send)
+            return
+        error = (APIError(401, NO_KEY) if given is None else
+                 APIError(401, WRONG_KEY, code="invalid_api_key"))
+        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    """The token of the request's first Authorization header if its scheme is Bearer
+    (any case); None if there is none, or it is empty."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            token = token.strip()
+            return token if scheme.lower() == b"bearer" and token else None
+    return None
 
 
 async def _read_body(request: Request) -> bytes:

@@ -38,9 +38,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 class Server:
     def __init__(self, model: Model, sock: socket.socket, max_concurrent: int = 4, model_id: str | None = None,
-                 log_level: str = "info", cache_bytes: int | None = None, speculation: dict | None = None):
+                 log_level: str = "info", cache_bytes: int | None = None, speculation: dict | None = None,
+                 api_key: str | None = None):
+        """model_id: the name served (None: the bundle's stem or the folder's name); api_key:
+        if set, every route but /health needs `Authorization: Bearer <api_key>`."""
         self.sock = sock
-        self.app = create_app(model, model_id, max_concurrent, cache_bytes, speculation)
+        self.app = create_app(model, model_id, max_concurrent, cache_bytes, speculation, api_key=api_key)
         self.model_id = self.app.state.model_id
         config = uvicorn.Config(self.app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3)
         self._uvicorn = _Uvicorn(config, on_exit=self.engine.close)

@@ -540,16 +540,16 @@ def _option_case(case_id: str, option: str, value: str, *needles: str) -> None:
         return ["run", env.model(), "--prompt", "the quick", option, value]
 
 
-_option_case("temperature-negative", "--temperature", "-1", "temperature", ">= 0")
+_option_case("temperature-negative", "--temperature", "-1", "--temperature", "not in the range x>=0")
 _option_case("temperature-nan", "--temperature", "nan", "temperature", "finite")
-_option_case("top-p-zero", "--top-p", "0", "top_p", "(0, 1]")
-_option_case("top-p-above-one", "--top-p", "1.5", "top_p", "(0, 1]")
-_option_case("top-k-negative", "--top-k", "-1", "top_k", ">= 0")
-_option_case("min-p-one", "--min-p", "1", "min_p", "[0, 1)")
-_option_case("repetition-penalty-zero", "--repetition-penalty", "0", "repetition_penalty", "> 0")
-_option_case("max-new-tokens-zero", "--max-new-tokens", "0", "max_new_tokens", "positive")
-_option_case("seed-negative", "--seed", "-3", "seed", ">= 0")
-_option_case("threads-zero", "--threads", "0", "threads", ">= 1")
+_option_case("top-p-zero", "--top-p", "0", "--top-p", "not in the range 0<x<=1")
+_option_case("top-p-above-one", "--top-p", "1.5", "--top-p", "not in the range 0<x<=1")
+_option_case("top-k-negative", "--top-k", "-1", "--top-k", "not in the range x>=0")
+_option_case("min-p-one", "--min-p", "1", "--min-p", "not in the range 0<=x<1")
+_option_case("repetition-penalty-zero", "--repetition-penalty", "0", "--repetition-penalty", "not in the range x>0")
+_option_case("max-new-tokens-zero", "--max-new-tokens", "0", "--max-new-tokens", "not in the range x>=1")
+_option_case("seed-negative", "--seed", "-3", "--seed", "not in the range x>=0")
+_option_case("threads-zero", "--threads", "0", "--threads", "not in the range x>=1")
 
 
 @case("provider-unavailable", "run --provider cuda where onnxruntime has no CUDA", "'cuda'", "not available")
@@ -747,7 +747,7 @@ def test_debug_shows_the_traceback(tmp_path):
     loud = _cli("--debug", "export", tmp_path / "nowhere", tmp_path / "out")
     out, err = loud.communicate(timeout=120)
     assert loud.returncode != 0
-    assert "Traceback" in err and "BadModelFileError" in err and "no such file or folder" in err
+    assert "Traceback" in err and "BadArgumentError" in err and "no such file or folder" in err
 
 
 def _interrupt_when_writing(proc: subprocess.Popen, out: Path) -> None:

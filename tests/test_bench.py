@@ -16,7 +16,7 @@ def test_bench_json_on_tiny_model(tiny_factory, tmp_path):
     r = CliRunner().invoke(main, ["bench", str(tmp_path / "m"), "--prompt-tokens", "16", "--new-tokens", "8",
                                   "--runs", "2", "--threads", "1", "--json"])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_warm_s", "ttft_cold_s", "load_s"):
         stat = data[key]
         assert 0 < stat["min"] <= stat["median"] <= stat["max"], key
@@ -33,7 +33,7 @@ def test_bench_reports_the_threads_the_session_used(tiny_factory, tmp_path):
     r = CliRunner().invoke(main, ["bench", str(tmp_path / "m"), "--prompt-tokens", "8", "--new-tokens", "4",
                                   "--runs", "1", "--no-cold", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["threads"] == default_threads()
+    assert json.loads(r.stdout)["threads"] == default_threads()
 
 
 def test_bench_rejects_bad_counts(tiny_factory, tmp_path):

@@ -25,12 +25,12 @@ def test_inspect_prints_manifest_and_io(smollm2_onnx):
 def test_show_probs_goes_to_stderr(smollm2_onnx):
     runner = CliRunner()
     r = runner.invoke(main, ["run", str(smollm2_onnx), "--prompt", "The best thing about AI is its ability to",
-                             "--max-new-tokens", "3", "--show-probs", "4", "--threads", "2"])
+                             "--max-new-tokens", "3", "--show-probs", "4", "--threads", "2", "--raw"])
     assert r.exit_code == 0, r.output
     line = r.stderr.strip().splitlines()[0]
     assert line.startswith("The best thing about AI is its ability to → ")
     shown = re.findall(r"(\S+) (\d+\.\d) %", line)
-    assert len(shown) == 4 and shown[0][0] == "make"
+    assert len(shown) == 4 and shown[0][0] == '" make"'  # quoted: the leading space shows
     probs = [float(p) for _, p in shown]
     assert probs == sorted(probs, reverse=True)
     assert r.stdout.startswith(" make") and "%" not in r.stdout
@@ -42,7 +42,7 @@ def test_show_probs_on_a_tiny_model(tiny_factory, tmp_path):
     export(folder, tmp_path / "m")
     prompt = "The quick brown fox"
     r = CliRunner().invoke(main, ["run", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "3",
-                                  "--show-probs", "4"])
+                                  "--show-probs", "4", "--raw"])
     assert r.exit_code == 0, r.output
     line = r.stderr.strip().splitlines()[0]
     assert line.startswith(f"{prompt} → ")

@@ -41,7 +41,7 @@ def test_native_export_of_another_architecture_suggests_via_optimum(tmp_path):
     r = _export(_hf_folder(tmp_path, "Phi3ForCausalLM"), tmp_path / "out")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "'Phi3ForCausalLM' is not supported by the native exporter" in r.stderr
-    assert "--via optimum" in r.stderr and "edgellama[optimum]" in r.stderr
+    assert "--via optimum" in r.stderr and "pip install 'optimum-onnx>=0.1'" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -49,7 +49,7 @@ def test_native_export_of_another_architecture_suggests_via_optimum(tmp_path):
 def test_via_optimum_without_optimum_says_what_to_install(tmp_path):
     r = _export(_hf_folder(tmp_path, "Phi3ForCausalLM"), tmp_path / "out", "--via", "optimum")
     assert r.exit_code == 2 and "Traceback" not in r.output
-    assert r.stderr.count("\n") == 1 and "pip install 'edgellama[optimum]'" in r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install 'optimum-onnx>=0.1'" in r.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "hf"]
 
 

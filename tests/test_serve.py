@@ -516,7 +516,8 @@ def test_serve_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
     r = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert r.exit_code == 1
-    assert r.output.strip() == "error: serve needs uvicorn: pip install 'edgellama[serve]'"
+    assert r.output.strip() == ("error: serve needs uvicorn, which this install lacks: "
+                                "pip install 'starlette>=0.37' 'uvicorn>=0.30'")
 
 
 def test_the_runtime_does_not_import_the_server():

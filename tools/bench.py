@@ -119,13 +119,13 @@ def bench(folder: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: i
     results = []
     for i in range(runs):
         results.append(_one_run(model, ids, new_tokens, options))
-        progress(i + 1, runs + (runs if cold else 0), "runs")
+        progress(i + 1, runs, "runs")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process: load + runs
     colds = []
     if cold:  # fresh processes give load time and peak RSS without this process's history
         for i in range(runs):
             colds.append(cold_start(folder, provider, threads, prompt_tokens))
-            progress(runs + i + 1, 2 * runs, "cold starts")
+            progress(i + 1, runs, "cold starts")
         loads, rss = [c[1] for c in colds], max(c[2] for c in colds)
     return BenchResult(
         model=str(folder), provider=provider, threads=threads or default_threads(), prompt_tokens=prompt_tokens,

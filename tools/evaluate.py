@@ -81,6 +81,7 @@ def evaluate(model: Model, text: str, window: int = 512, stride: int | None = No
         raise BadArgumentError("the reference model tokenizes the text differently; compare models with the same tokenizer")
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     spans = list(windows(len(ids), window, stride))
+    progress(0, len(spans), "score:windows")
     for i, (start, end, first) in enumerate(spans):
         chunk = ids[start:end]
         rows = slice(first - start - 1, end - start - 1)  # the positions predicting first..end-1
@@ -95,7 +96,7 @@ def evaluate(model: Model, text: str, window: int = 512, stride: int | None = No
                 kl += float((np.exp(ref) * (ref - logp)).sum())
                 agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
         count += len(targets)
-        progress(i + 1, len(spans), "windows")
+        progress(i + 1, len(spans), "score:windows")
     ppl = float(np.exp(nll / count))
     if reference is None:
         return EvalResult(ppl, count)

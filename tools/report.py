@@ -36,6 +36,18 @@ def describe(folder: Path) -> str:
 
 
 def format_probs(model: "Model", prompt: str | None, top: list[tuple[int, float]]) -> str:
-    """'The best thing about AI is its ability to → learn 4.5 %, predict 3.5 %, ...'"""
-    shown = ", ".join(f"{model.decode([tid]).strip() or repr(model.decode([tid]))} {p * 100:.1f} %" for tid, p in top)
+    """'The best thing about AI is its ability to → " learn" 4.5 %, " predict" 3.5 %, ...': each
+    token quoted as JSON writes it, so " Paris" and "Paris" (or a newline) stay apart."""
+    import json
+
+    shown = ", ".join(f"{json.dumps(_token_text(model, tid), ensure_ascii=False)} {p * 100:.1f} %" for tid, p in top)
     return f"{prompt} → {shown}" if prompt is not None else f"→ {shown}"
+
+
+def _token_text(model: "Model", tid: int) -> str:
+    """The token as text; a special token (which decode skips) by its name."""
+    text = model.decode([tid])
+    if text and "\ufffd" not in text:
+        return text
+    # a special token (decode skips it) or a piece of a UTF-8 character: the vocabulary's own name
+    return model.tokenizer.id_to_token(tid) or f"<id {tid}>"
