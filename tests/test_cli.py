@@ -29,7 +29,7 @@ def test_show_probs_goes_to_stderr(smollm2_onnx):
     assert r.exit_code == 0, r.output
     line = r.stderr.strip().splitlines()[0]
     assert line.startswith("The best thing about AI is its ability to → ")
-    shown = re.findall(r"(\S+) (\d+\.\d) %", line)
+    shown = re.findall(r'("(?:[^"\\]|\\.)*") (\d+\.\d) %', line)
     assert len(shown) == 4 and shown[0][0] == '" make"'  # quoted: the leading space shows
     probs = [float(p) for _, p in shown]
     assert probs == sorted(probs, reverse=True)

@@ -275,3 +275,18 @@ def test_a_bundles_errors_name_the_bundle(onnx_dir, tmp_path):
     assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
     assert f"{tmp_path / 'b.edgellama'}/tokenizer.json: malformed tokenizer" in r.stderr
     assert "edgellama-bundle-" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_real_gguf_runs_directly_and_answers(smollm2_gguf, cache_home):
+    """The quick start: a GGUF runs as it is (exported once, int4 from its Q4_1 blocks), the
+    chat template makes the instruct model answer, --raw shows why it is the default."""
+    r = invoke("run", smollm2_gguf, "What is the capital of Germany?", "-n", "24", "--threads", "2", "--stats")
+    assert r.exit_code == 0, r.stderr
+    assert "Berlin" in r.stdout
+    assert "(int4) once into" in r.stderr and "tok/s" in r.stderr.splitlines()[-1]
+    raw = invoke("run", smollm2_gguf, "--raw", "What is the capital of Germany?", "-n", "24", "--threads", "2")
+    assert raw.exit_code == 0 and raw.stdout == "\n" and "exporting" not in raw.stderr
+    assert "the model ended its reply at once (no text)" in raw.stderr
+    completion = invoke("run", smollm2_gguf, "--raw", "The best thing about AI is its ability to", "-n", "8")
+    assert completion.exit_code == 0 and len(completion.stdout.split()) >= 4

@@ -58,7 +58,7 @@ def test_greedy_64_tokens_identical_to_transformers(model, reference_greedy):
 
 def test_cli_run_prints_the_same_text(smollm2_onnx, model, reference_greedy):
     out = subprocess.run(
-        [sys.executable, "-m", "edgellama.cli", "run", str(smollm2_onnx), "--prompt", PROMPT,
+        [sys.executable, "-m", "edgellama.cli", "run", str(smollm2_onnx), "--raw", "--prompt", PROMPT,
          "--max-new-tokens", "64", "--threads", "2"],
         capture_output=True, text=True, timeout=300,
     )
