@@ -496,6 +496,48 @@ def _generation_options(fn):
     return _bits_option(_speculation_options(fn))
 
 
+def _constraint_options(fn):
+    options = [
+        click.option("--json-schema", "json_schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     default=None, help="Constrain the reply to JSON valid against the schema in FILE."),
+        click.option("--json", "as_json", is_flag=True, help="Constrain the reply to one JSON object."),
+        click.option("--grammar", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                     help="Constrain the reply to the grammar in FILE (Lark as llguidance reads it, or "
+                          "llama.cpp's GBNF)."),
+        click.option("--regex", default=None, help="Constrain the reply to match this regular expression."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _constraint(kw: dict) -> dict:
+    """constraint= for the config, from --json-schema / --json / --grammar / --regex."""
+    from edgellama.runtime.errors import BadArgumentError
+
+    schema, as_json, grammar, regex = kw.pop("json_schema"), kw.pop("as_json"), kw.pop("grammar"), kw.pop("regex")
+    given = [flag for flag, value in (("--json-schema", schema), ("--json", as_json or None), ("--grammar", grammar),
+                                      ("--regex", regex)) if value is not None]
+    if len(given) > 1:
+        raise BadArgumentError(f"{' and '.join(given)} each constrain the reply; give one")
+    if not given:
+        return {}
+    from edgellama.runtime.constrain import Grammar
+
+    if schema is not None:
+        text = schema.read_text(encoding="utf-8")
+        try:
+            return {"constraint": Grammar.json_schema(text)}
+        except BadArgumentError as exc:
+            raise BadArgumentError(f"{schema}: {exc}") from None
+    if grammar is not None:
+        try:
+            return {"constraint": Grammar.lark(grammar.read_text(encoding="utf-8"))}
+        except BadArgumentError as exc:
+            raise BadArgumentError(f"{grammar}: {exc}") from None
+    return {"constraint": Grammar.regex(regex) if regex is not None else Grammar.json()}
+
+
 def _config(kw: dict, show_probs: int = 0, speculation: dict | None = None):
     import re
 
@@ -506,7 +548,8 @@ def _config(kw: dict, show_probs: int = 0, speculation: dict | None = None):
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
             "presence_penalty", "frequency_penalty", "seed", "stop")
     try:
-        return make_config(show_probs=show_probs, **{k: kw[k] for k in keys}, **(speculation or {}))
+        return make_config(show_probs=show_probs, **{k: kw[k] for k in keys}, **(speculation or {}),
+                           **_constraint(kw))
     except BadArgumentError as exc:  # the runtime names its fields; a CLI user knows the flags
         names = "|".join(keys + ("show_probs",))
         message = re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
@@ -554,6 +597,7 @@ def _stats_wanted(stats: bool) -> bool:
 @click.option("--show-probs", type=click.IntRange(min=0), default=0,
               help="Print the top K next-token probabilities (stderr).")
 @click.option("--probs-each-step", is_flag=True, help="With --show-probs: at every generated token too.")
+@_constraint_options
 @_generation_options
 @_sourced
 @_friendly
@@ -570,6 +614,7 @@ def run(model_dir: Path, prompt: str | None, prompt_opt: str | None, prompt_file
       edgellama run SmolLM2-135M-Instruct.Q4_1.gguf "What is the capital of Germany?"
       edgellama run smollm2-int4 --raw "The best thing about AI is its ability to"
       cat notes.txt | edgellama run smollm2-int4 --system "Summarise the text." -n 128
+      edgellama run smollm2-int4 "Invent a person who lives in Rome." --json-schema person.json
     """
     _runtime_process()
     from edgellama.runtime.errors import BadArgumentError
@@ -618,6 +663,7 @@ def run(model_dir: Path, prompt: str | None, prompt_opt: str | None, prompt_file
 @main.command(context_settings=CONTEXT)
 @click.argument("model_dir", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="System prompt.")
+@_constraint_options
 @_generation_options
 @_sourced
 @_friendly

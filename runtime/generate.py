@@ -31,6 +31,7 @@ class GenerationConfig:
     show_probs: int = 0  # attach the top-k next-token distribution to each step
     speculate: object = None  # None | "ngram" | speculate.NGram(...) | speculate.Draft(model)
     draft_tokens: int = 8  # the most tokens drafted per forward (adapts below it); 0 = plain
+    constraint: object = None  # None | constrain.Grammar: what the output must match
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -145,6 +146,11 @@ class Generation:
         self.prompt_top: list[tuple[int, float]] | None = None
         self.speculation = SpeculationStats()  # with config.speculate: drafted, accepted, forwards
         self._drafter = make_drafter(config.speculate, model) if config.draft_tokens else None
+        self.constraint = None
+        if config.constraint is not None:  # compiled now: a bad grammar fails before any work
+            from .constrain import Constraint
+
+            self.constraint = Constraint(model, config.constraint)
         self._pieces: list[str] = []
         self.consistent = True  # False once an exception escaped a step: see the class docstring
         # timings: perf_counter stamps, set as the steps run
@@ -212,6 +218,9 @@ class Generation:
             self.consistent = False
             self._abort()
             raise
+        finally:
+            if self.constraint is not None:
+                self.constraint.close()  # no mask left computing for a generation that is over
         if self._on_finish:
             self._on_finish(self)
 
@@ -223,6 +232,10 @@ class Generation:
     def _run(self) -> Iterator[Step]:
         cfg, model = self.config, self.model
         sampler = make_sampler(cfg.sampling)
+        if self.constraint is not None:
+            from .constrain import ConstrainedSampler
+
+            sampler = ConstrainedSampler(sampler, self.constraint)
         stops = StopStrings(cfg.stop)
         eos = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(model.eos_token_ids))
         detok = StreamDecoder(model.tokenizer, self.prompt_ids)
@@ -240,7 +253,7 @@ class Generation:
             text = stops.feed(detok.push(token))
             self._pieces.append(text)
             yield Step(token, text, top, token_prob(logits, token, top) if top is not None else None)
-            if stops.hit:
+            if stops.hit or (self.constraint is not None and self.constraint.done):
                 self.finish_reason = "stop"
                 break
             if len(self.completion_ids) == self.max_new:
@@ -276,6 +289,8 @@ class Generation:
             budget = self.max_new - len(self.completion_ids) - 1  # tokens still wanted after `token`
             k = min(adapt.next(), budget)
             drafts = self._drafter.propose(np.append(d.tokens, token), k) if k > 0 else []
+            if drafts and self.constraint is not None:  # only what the grammar could take
+                drafts = drafts[: self.constraint.valid_prefix(drafts)]
             stats.forwards += 1
             if not drafts:
                 logits = d.decode_one(token)

@@ -154,9 +154,22 @@ class Model:
         return ChatSession(self, system, config or make_config(**options))
 
 
+CONSTRAINT_OPTIONS = ("json_schema", "grammar", "regex", "json")
+
+
 def make_config(**options) -> GenerationConfig:
+    """GenerationConfig from flat options: its own fields, SamplingParams' fields, and the
+    constraints json_schema= (a dict), grammar= (Lark or GBNF text), regex=, json=True."""
     from .generate import GenerationConfig
     from .sampling import SamplingParams
+
+    constraint = {k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options}
+    if any(v not in (None, False) for v in constraint.values()):
+        from .constrain import Grammar
+
+        if options.get("constraint") is not None:
+            raise BadArgumentError("give constraint= or one of json_schema= / grammar= / regex= / json=, not both")
+        options["constraint"] = Grammar.from_options(**constraint)
 
     sampling_fields = set(SamplingParams.__dataclass_fields__)
     unknown = set(options) - sampling_fields - set(GenerationConfig.__dataclass_fields__)
