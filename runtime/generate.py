@@ -128,7 +128,7 @@ class Generation:
 
     def __init__(self, model: "Model", prompt_ids: Sequence[int], config: GenerationConfig,
                  decoder: Decoder | None = None, on_finish: Callable[["Generation"], None] | None = None,
-                 on_abort: Callable[["Generation"], None] | None = None):
+                 on_abort: Callable[["Generation"], None] | None = None, drafter=None):
         self.model, self.config, self._on_finish, self._on_abort = model, config, on_finish, on_abort
         self.prompt_ids = list(prompt_ids)
         if not self.prompt_ids:
@@ -145,7 +145,8 @@ class Generation:
         self.completion_ids: list[int] = []
         self.prompt_top: list[tuple[int, float]] | None = None
         self.speculation = SpeculationStats()  # with config.speculate: drafted, accepted, forwards
-        self._drafter = make_drafter(config.speculate, model) if config.draft_tokens else None
+        # drafter: one kept by the caller across generations (a chat's draft model keeps its cache)
+        self._drafter = (drafter or make_drafter(config.speculate, model)) if config.draft_tokens else None
         self.constraint = None
         if config.constraint is not None:  # compiled now: a bad grammar fails before any work
             from .constrain import Constraint

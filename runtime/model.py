@@ -202,6 +202,7 @@ class ChatSession:
         self._messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self._start = 0  # the first message after the system prompt that the model still sees
         self._decoder: Decoder | None = None
+        self._drafter_key = self._drafter = None  # the speculate= option and its drafter, kept across turns
         self._current: Generation | None = None
 
     # ---- the conversation -----------------------------------------------------------------
@@ -237,7 +238,7 @@ class ChatSession:
         self.interrupt()
         self._messages = self._messages[:1] if self.system else []
         self._start = 0
-        self._decoder = None
+        self._decoder = self._drafter_key = None
 
     def save(self, path: str | Path) -> None:
         """Write `messages` as a JSON list (whole or not at all: through a temporary file)."""
@@ -291,11 +292,23 @@ class ChatSession:
             self._messages = turn + [{"role": "assistant", "content": gen.text}]
             self._start = start
             if not gen.consistent:  # stopped inside a forward: start the next turn afresh
-                self._decoder = None
+                self._decoder = self._drafter_key = None
 
-        gen = Generation(self.model, ids, self.config, decoder=self._decoder, on_finish=record, on_abort=record)
+        gen = Generation(self.model, ids, self.config, decoder=self._decoder, on_finish=record, on_abort=record,
+                         drafter=self._drafter_for(self.config))
         self._current = gen
         return gen
+
+    def _drafter_for(self, config: GenerationConfig):
+        """The drafter, kept across turns: a draft model then prefills only each turn's new
+        tokens, as the target does (None: Generation makes one, or there is none)."""
+        from .speculate import make_drafter
+
+        if config.speculate is None or not config.draft_tokens or config.speculate == "ngram":
+            return None  # n-gram lookup holds no state worth keeping
+        if getattr(self, "_drafter_key", None) is not config.speculate:
+            self._drafter_key, self._drafter = config.speculate, make_drafter(config.speculate, self.model)
+        return self._drafter
 
     def send(self, user_text: str) -> str:
         gen = self.stream(user_text)

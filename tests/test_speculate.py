@@ -78,6 +78,23 @@ def test_chat_turns_with_speculation(tiny):
         assert spec.send(text) == plain.send(text)
 
 
+def test_a_chats_draft_model_keeps_its_cache_across_turns(tiny):
+    """The draft model, like the target, prefills only each turn's new tokens; the replies
+    are the plain chat's."""
+    plain = tiny.chat(max_new_tokens=8, ignore_eos=True)
+    spec = tiny.chat(max_new_tokens=8, ignore_eos=True, speculate=Draft(tiny), draft_tokens=4)
+    assert spec.send("fox") == plain.send("fox")
+    drafter = spec._drafter
+    prefilled, prefill = [], drafter.decoder.prefill
+    drafter.decoder.prefill = lambda ids: (prefilled.append(len(ids)), prefill(ids))[1]
+    for text in ("dog", "the lazy"):
+        assert spec.send(text) == plain.send(text)
+    assert spec._drafter is drafter
+    history = len(tiny.render_chat(spec.messages[:-2]))  # what turn 3 started from
+    # a fresh draft model would prefill all `history` tokens in turn 3; this one only what it has not seen
+    assert prefilled and max(prefilled) < history, (prefilled, history)
+
+
 # ---- the sampling rule --------------------------------------------------------------------------
 
 def _chi_square_critical(df: int, z: float = 3.09) -> float:
