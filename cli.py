@@ -478,7 +478,7 @@ def _generation_options(fn):
                      help="Nucleus sampling: the likeliest tokens holding this much probability (1 = off)."),
         click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Drop tokens less likely than this times the likeliest (0 = off)."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+        click.option("--repetition-penalty", type=click.FloatRange(1e-4, 1e4), default=1.0,
                      show_default=True, help="Divide the logits of tokens already seen (1 = off)."),
         click.option("--presence-penalty", type=float, default=0.0, show_default=True,
                      help="Subtract from the logits of tokens already seen (0 = off)."),

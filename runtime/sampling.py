@@ -32,6 +32,9 @@ from .errors import BadArgumentError
 Processor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this samples as greedy: logits / 1e-308 overflow
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -54,15 +57,15 @@ class SamplingParams:
         _check_range("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = off)")
         _check_range("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 = off)")
         _check_range("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 = off)")
-        _check_range(
-            "repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 = off)"
-        )
+        _check_range("repetition_penalty", self.repetition_penalty, 1e-4 <= self.repetition_penalty <= 1e4,
+                     "in [0.0001, 10000] (1 = off)")  # beyond it, logits overflow to inf
         if self.seed is not None:
             _check_range("seed", self.seed, self.seed >= 0, ">= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """0, or a temperature so small that dividing by it overflows (as vLLM treats it)."""
+        return self.temperature < GREEDY_BELOW
 
 
 _INT_FIELDS = {"top_k": False, "seed": True}  # name -> None allowed

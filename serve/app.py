@@ -100,6 +100,7 @@ def create_app(model: Model, model_id: str | None = None, max_concurrent: int = 
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
     middleware = [Middleware(RequireKey, api_key=api_key)] if api_key is not None else []
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
+    app.router.redirect_slashes = False  # a trailing slash is a 404, not a 307 the client must follow
     app.state.engine, app.state.model_id, app.state.api_key_required = engine, model_id, api_key is not None
     return app
 
@@ -227,8 +228,9 @@ class EventStream:
                     done = item
                     for chunk in self.answer.tail(item):
                         await event(_dumps(chunk))
-                elif (chunk := self.answer.feed(item)) is not None:
-                    await event(_dumps(chunk))
+                else:
+                    for chunk in self.answer.feed(item):
+                        await event(_dumps(chunk))
             await event("[DONE]")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # servers on ASGI 2.4 raise on a send to a closed connection

@@ -225,7 +225,7 @@ BAD_CHAT = [  # (fields over a valid chat request, status, param, code)
     (dict(logprobs=True, top_logprobs=50), 400, "top_logprobs", "invalid_value"),
     (dict(n=2), 400, "n", "unsupported_parameter"),
     (dict(messages=[]), 400, "messages", "invalid_value"),
-    (dict(messages=[{"role": "tool", "content": "42"}]), 400, "messages[0].role", "invalid_value"),
+    (dict(messages=[{"role": "tool", "content": "42"}]), 400, "messages[0].tool_call_id", "missing_required_parameter"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      400, "messages[0].content", "invalid_value"),
 ]
