@@ -305,7 +305,10 @@ class Sampler:
     def _draw(self, logits: np.ndarray) -> int:
         # One uniform per token, mapped through the CDF of the tokens the filters
         # left (often a few dozen, so exp and CDF are cheap).
-        ids = np.flatnonzero(logits > -np.inf)  # (n_left,)
+        ids = np.flatnonzero(logits > -np.inf)  # (n_left,); NaN compares False too
+        if not len(ids):
+            raise BadArgumentError("no token is left to sample: every logit is -inf or NaN after the sampling "
+                                   "options; loosen them (or check the model's output)")
         x = logits[ids]
         weights = np.exp(x - x.max())  # unnormalized probabilities
         return int(ids[_inverse_cdf(weights, self.rng.random())])
