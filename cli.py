@@ -515,7 +515,7 @@ def _constraint(kw: dict) -> dict:
     """constraint= for the config, from --json-schema / --json / --grammar / --regex."""
     from edgellama.runtime.errors import BadArgumentError
 
-    schema, as_json, grammar, regex = kw.pop("json_schema"), kw.pop("as_json"), kw.pop("grammar"), kw.pop("regex")
+    schema, as_json, grammar, regex = (kw.pop(k, None) for k in ("json_schema", "as_json", "grammar", "regex"))
     given = [flag for flag, value in (("--json-schema", schema), ("--json", as_json or None), ("--grammar", grammar),
                                       ("--regex", regex)) if value is not None]
     if len(given) > 1:

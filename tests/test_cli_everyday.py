@@ -205,15 +205,11 @@ def test_runtime_errors_use_flag_names():
 
     kw = dict(max_new_tokens=4, temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
               presence_penalty=float("nan"), frequency_penalty=0.0, seed=None, stop=())
-    from click.testing import CliRunner as _R  # a context for _given()
+    from edgellama.runtime.errors import BadArgumentError
 
-    with main.make_context("edgellama", ["run", "x"], resilient_parsing=True) as ctx:
-        with ctx:
-            from edgellama.runtime.errors import BadArgumentError
-
-            with pytest.raises(BadArgumentError, match=r"^--presence-penalty is nan; give a finite number$"):
-                _config(kw)
-    del _R
+    with main.make_context("edgellama", ["run", "x"], resilient_parsing=True) as ctx, ctx:  # for _given()
+        with pytest.raises(BadArgumentError, match=r"^--presence-penalty is nan; give a finite number$"):
+            _config(kw)
 
 
 def test_dash_h_and_examples_on_every_command():
