@@ -19,7 +19,7 @@ from edgellama.runtime.contract import read_json_object
 from edgellama.runtime.errors import BadModelFileError, UnsupportedModelError
 
 from .config import ModelConfig
-from .names import GGUF_NAMES, HF_NAMES, LAYER_WEIGHTS, checkpoint_name
+from .names import GGUF_NAMES, GGUF_PERMUTED_QK, HF_NAMES, checkpoint_name, layer_weights
 from .sources import (SAFETENSORS_FLOATS, GGUFFile, TensorRef, dequantize_gguf, load_safetensor,
                       read_safetensors_header, release_pages)
 from .tokenizer import TokenizerFiles
@@ -72,7 +72,7 @@ class Checkpoint:
             if key in ("embed", "norm") or self.has(key):
                 self.check_shape(key)
         for layer in range(cfg.num_layers):
-            for key in LAYER_WEIGHTS:
+            for key in layer_weights(cfg):
                 self.check_shape(key, layer)
             for key in ("q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias"):
                 if self.has(key, layer):
@@ -91,6 +91,10 @@ class Checkpoint:
 
     def describe(self, key: str, layer: int | None) -> str:
         return str(self.files[0])
+
+    def source_tensor(self, key: str, layer: int | None = None) -> tuple[str, str]:
+        """(the tensor's name in the checkpoint, its stored type: "BF16", "Q4_K" ...)."""
+        raise NotImplementedError
 
     def hashes(self) -> dict[str, str]:
         return {p.name: sha256_file(p) for p in self.files}
@@ -161,12 +165,13 @@ class HFCheckpoint(Checkpoint):
         for path in self.files:
             self.refs.update(read_safetensors_header(path))
         self._maps: dict[Path, mmap.mmap] = {}
+        self.names = HF_NAMES[self.config.names]
 
     def _name(self, key: str, layer: int | None) -> str:
-        return checkpoint_name(HF_NAMES, key, layer)
+        return checkpoint_name(self.names, key, layer)
 
     def has(self, key: str, layer: int | None = None) -> bool:
-        return key in HF_NAMES and self._name(key, layer) in self.refs
+        return key in self.names and self._name(key, layer) in self.refs
 
     def describe(self, key: str, layer: int | None) -> str:
         ref = self.refs.get(self._name(key, layer))
@@ -185,6 +190,9 @@ class HFCheckpoint(Checkpoint):
 
     def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
         return self._ref(key, layer).shape
+
+    def source_tensor(self, key: str, layer: int | None = None) -> tuple[str, str]:
+        return self._name(key, layer), self._ref(key, layer).dtype
 
     def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
         ref = self._ref(key, layer)
@@ -208,16 +216,22 @@ class GGUFCheckpoint(Checkpoint):
         self.gguf = GGUFFile(path)
         self.files = [Path(path)]
         self.config = ModelConfig.from_gguf(self.gguf.metadata, set(self.gguf.tensors), str(path))
+        self.names = GGUF_NAMES[self.config.names]
+        self.permuted_qk = GGUF_PERMUTED_QK[self.config.names]
 
     @property
     def metadata(self) -> dict[str, Any]:
         return self.gguf.metadata
 
     def _name(self, key: str, layer: int | None) -> str | None:
-        return checkpoint_name(GGUF_NAMES, key, layer) if key in GGUF_NAMES else None
+        return checkpoint_name(self.names, key, layer) if key in self.names else None
 
     def has(self, key: str, layer: int | None = None) -> bool:
         return self._name(key, layer) in self.gguf.tensors
+
+    def source_tensor(self, key: str, layer: int | None = None) -> tuple[str, str]:
+        name = self._name(key, layer)
+        return name, self.gguf.type_name(name)
 
     def _shape(self, key: str, layer: int | None) -> tuple[int, ...]:
         name = self._name(key, layer)
@@ -228,7 +242,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def _read(self, key: str, layer: int | None, rows: slice) -> np.ndarray:
         arr = dequantize_gguf(self.gguf, self._name(key, layer), rows)
-        return unpermute_rotary_rows(arr, self._rotary_heads(key)) if key in ("q", "k") else arr
+        return unpermute_rotary_rows(arr, self._rotary_heads(key)) if self._permuted(key) else arr
+
+    def _permuted(self, key: str) -> bool:
+        return self.permuted_qk and key in ("q", "k")
 
     def _rotary_heads(self, key: str) -> int:
         """Heads whose rows llama.cpp interleaved: q has num_heads, k num_kv_heads."""
@@ -243,7 +260,7 @@ class GGUFCheckpoint(Checkpoint):
             return None
         bq = from_gguf(self.gguf.type_name(name), self.gguf.raw(name), shape)
         self.gguf.release(name)
-        if key in ("q", "k"):
+        if self._permuted(key):
             bq = bq.rows(unpermute_rotary_rows(np.arange(shape[0]), self._rotary_heads(key)))
         return bq
 

@@ -19,7 +19,7 @@ from edgellama.runtime.adapters import genai_config
 from edgellama.runtime.contract import KVLayout, Manifest
 from edgellama.runtime.errors import BadArgumentError
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, GGUFCheckpoint, open_checkpoint
 from .config import ModelConfig
 from .graph import GraphPlan, GraphWriter, build_decoder, choose_attention
 from .tokenizer import TokenizerFiles, write_tokenizer
@@ -114,7 +114,10 @@ def _write_graph(ckpt: Checkpoint, plan: GraphPlan, folder: Path, progress: Prog
     if proj is None:
         return None
     # streaming: no float graph runs, so nothing is calibrated whatever the options say
-    return replace(quant, calibrate=False).record(proj.errors, exact_from_source=proj.native)
+    record = replace(quant, calibrate=False).record(proj.errors, exact_from_source=proj.native)
+    if isinstance(ckpt, GGUFCheckpoint):  # which of the file's own blocks were carried exactly, which refit
+        record["tensors"] = proj.tensors
+    return record
 
 
 def _manifest(ckpt: Checkpoint, plan: GraphPlan, tok: TokenizerFiles, source: Path, quant: dict | None) -> Manifest:

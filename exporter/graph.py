@@ -42,7 +42,8 @@ class GraphPlan:
 
 def choose_attention(cfg: ModelConfig) -> tuple[str, str]:
     """("gqa" | "standard", reason). GroupQueryAttention's kernels need head_dim a multiple
-    of 16 (CPU rotary and CUDA flash/memory-efficient paths) and at most 256."""
+    of 16 (CPU rotary and CUDA flash/memory-efficient paths) and at most 256; its `softcap`
+    and `local_window_size` attributes cover score soft-capping and sliding windows."""
     if cfg.head_dim % 16 or cfg.head_dim > 256:
         return "standard", f"head_dim {cfg.head_dim} is not a multiple of 16 in [16, 256]"
     return "gqa", "GroupQueryAttention supports this shape"
@@ -60,12 +61,41 @@ def skip_rms_norm(g: GraphWriter, x: str, skip: str, weight: str, eps: float) ->
     return out, summed
 
 
-def swiglu(g: GraphWriter, gate_up: str, inter: int) -> str:
-    """(B, S, 2I) -> (B, S, I): silu(gate) * up."""
+def head_rms_norm(g: GraphWriter, x: str, weight: str, heads: int, hd: int, eps: float) -> str:
+    """(B, S, heads*hd) -> the same, each head RMS-normed over its hd values (q_norm / k_norm)."""
+    x = g.op("Reshape", [x, g.const(np.array([0, 0, heads, hd], np.int64))])
+    x = rms_norm(g, x, weight, eps)
+    return g.op("Reshape", [x, g.const(np.array([0, 0, heads * hd], np.int64))])
+
+
+def silu(g: GraphWriter, x: str, dtype: np.dtype) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def gelu_tanh(g: GraphWriter, x: str, dtype: np.dtype) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), torch's gelu(approximate="tanh"), in plain
+    ops so any dtype and provider runs it (onnxruntime fuses the pattern where it has a kernel)."""
+    c = lambda v: g.const(np.array(v, dtype))  # noqa: E731
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, c(0.044715)])]), c(np.sqrt(2 / np.pi))])
+    half_x = g.op("Mul", [x, c(0.5)])
+    return g.op("Mul", [half_x, g.op("Add", [g.op("Tanh", [inner]), c(1.0)])])
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+def gated_mlp_act(g: GraphWriter, gate_up: str, inter: int, activation: str, dtype: np.dtype) -> str:
+    """(B, S, 2I) -> (B, S, I): act(gate) * up."""
     split = g.const(np.array([inter, inter], np.int64), "split")
     gate, up = g.op("Split", [gate_up, split], n_out=2, axis=-1)
-    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-    return g.op("Mul", [silu, up])
+    return g.op("Mul", [ACTIVATIONS[activation](g, gate, dtype), up])
+
+
+def softcap(g: GraphWriter, x: str, cap: float, dtype: np.dtype) -> str:
+    """c * tanh(x / c)."""
+    c = g.const(np.array(cap, dtype))
+    return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])]), c])
 
 
 def rope_tables(cfg: ModelConfig, inv_freq: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +114,7 @@ class Inputs:
     seqlens_k: str | None = None  # (B,) int32: valid tokens - 1   (gqa)
     total_len: str | None = None  # () int32: T                    (gqa)
     positions: str | None = None  # (S,) int64: P .. T-1           (standard)
-    bias: str | None = None  # (B, 1, 1, S, T) float additive mask (standard)
+    bias: dict[int | None, str] | None = None  # sliding window -> (B, 1, 1, S, T) additive mask (standard)
     dtype: np.dtype = np.dtype(np.float32)
 
 
@@ -98,7 +128,8 @@ def gqa_inputs(g: GraphWriter) -> Inputs:
 
 
 def standard_inputs(g: GraphWriter, cfg: ModelConfig, dtype: np.dtype) -> Inputs:
-    """Positions and the additive causal/padding/window mask; no left padding (P = T - S)."""
+    """Positions and one additive causal/padding mask per sliding window the layers use (None:
+    no window); no left padding (P = T - S)."""
     i64 = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
     seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), i64(1)], axis=0)  # S
     total = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), i64(1)], axis=0)  # T
@@ -106,43 +137,47 @@ def standard_inputs(g: GraphWriter, cfg: ModelConfig, dtype: np.dtype) -> Inputs
     positions = g.op("Range", [past, total, i64(1)])  # (S,)
     keys = g.op("Range", [i64(0), total, i64(1)])  # (T,)
     q_pos = g.op("Unsqueeze", [positions, i64([1])])  # (S, 1)
-    allowed = g.op("LessOrEqual", [keys, q_pos])  # (S, T) causal
-    if cfg.sliding_window:
-        lo = g.op("Sub", [q_pos, i64(cfg.sliding_window)])
-        allowed = g.op("And", [allowed, g.op("Greater", [keys, lo])])
+    causal = g.op("LessOrEqual", [keys, q_pos])  # (S, T)
     valid = g.op("Cast", [io.ATTENTION_MASK], to=TensorProto.BOOL)  # (B, T)
     valid = g.op("Unsqueeze", [valid, i64([1, 2, 3])])  # (B, 1, 1, 1, T)
-    allowed = g.op("And", [allowed, valid])  # (B, 1, 1, S, T)
     neg = g.const(np.array(np.finfo(dtype).min, dtype))
-    bias = g.op("Where", [allowed, g.const(np.array(0, dtype)), neg])
+    bias = {}
+    for window in sorted({cfg.window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0):
+        allowed = causal
+        if window:  # a query at p sees keys p - window + 1 .. p
+            allowed = g.op("And", [allowed, g.op("Greater", [keys, g.op("Sub", [q_pos, i64(window)])])])
+        allowed = g.op("And", [allowed, valid])  # (B, 1, 1, S, T)
+        bias[window] = g.op("Where", [allowed, g.const(np.array(0, dtype)), neg])
     return Inputs(positions=positions, bias=bias, dtype=dtype)
 
 
 # ---- attention ------------------------------------------------------------------------------
 
-def attention_gqa(g: GraphWriter, cfg: ModelConfig, qkv: str, layer: int, inp: Inputs, cos: str, sin: str) -> str:
-    """qkv (B, S, (nh + 2 kv) hd) -> (B, S, nh*hd); present.{layer} written in place when
-    buffers are shared."""
-    attrs = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5),
-                 do_rotary=1, rotary_interleaved=0, local_window_size=_gqa_window(cfg))
+def attention_gqa(g: GraphWriter, cfg: ModelConfig, qkv: Sequence[str], layer: int, inp: Inputs,
+                  cos: str, sin: str) -> str:
+    """qkv: packed (B, S, (nh + 2 kv) hd), or q (B, S, nh*hd), k, v (B, S, kv*hd) -> (B, S, nh*hd);
+    present.{layer} written in place when buffers are shared."""
+    window = cfg.window(layer)
+    # Both count the query's own key: a query at p sees keys p - window + 1 .. p.
+    attrs = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.attn_scale),
+                 do_rotary=1, rotary_interleaved=0, local_window_size=window or -1)
+    if cfg.attn_softcap:
+        attrs["softcap"] = float(cfg.attn_softcap)
+    q_k_v = [*qkv, "", ""][:3]
     out, _, _ = g.op(
         "GroupQueryAttention",
-        [qkv, "", "", io.past_key(layer), io.past_value(layer), inp.seqlens_k, inp.total_len, cos, sin],
+        [*q_k_v, io.past_key(layer), io.past_value(layer), inp.seqlens_k, inp.total_len, cos, sin],
         outputs=[g.fresh("attn"), io.present_key(layer), io.present_value(layer)],
         domain=MS, **attrs,
     )
     return out
 
 
-def _gqa_window(cfg: ModelConfig) -> int:
-    # Both count the query's own key: a query at p sees keys p - window + 1 .. p.
-    return cfg.sliding_window if cfg.sliding_window else -1
-
-
-def attention_standard(g: GraphWriter, cfg: ModelConfig, qkv: str, layer: int, inp: Inputs, cos: str, sin: str) -> str:
+def attention_standard(g: GraphWriter, cfg: ModelConfig, qkv: Sequence[str], layer: int, inp: Inputs,
+                       cos: str, sin: str) -> str:
     i64 = lambda v: g.const(np.array(v, np.int64))  # noqa: E731
     nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q, k, v = g.op("Split", [qkv, i64([nh * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
+    q, k, v = g.op("Split", [qkv[0], i64([nh * hd, kv * hd, kv * hd])], n_out=3, axis=-1) if len(qkv) == 1 else qkv
     q = _heads(g, q, nh, hd)  # (B, nh, S, hd)
     k = _heads(g, k, kv, hd)  # (B, kv, S, hd)
     v = _heads(g, v, kv, hd)
@@ -154,8 +189,10 @@ def attention_standard(g: GraphWriter, cfg: ModelConfig, qkv: str, layer: int, i
     # Group query heads under their kv head: (B, kv, nh/kv, S, hd) against (B, kv, 1, T, hd).
     q = g.op("Reshape", [q, i64([0, kv, nh // kv, -1, hd])])
     kt = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), i64([2])])  # (B, kv, 1, hd, T)
-    scores = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(np.array(hd ** -0.5, inp.dtype))])
-    probs = g.op("Softmax", [g.op("Add", [scores, inp.bias])], axis=-1)  # (B, kv, g, S, T)
+    scores = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(np.array(cfg.attn_scale, inp.dtype))])
+    if cfg.attn_softcap:
+        scores = softcap(g, scores, cfg.attn_softcap, inp.dtype)
+    probs = g.op("Softmax", [g.op("Add", [scores, inp.bias[cfg.window(layer)]])], axis=-1)  # (B, kv, g, S, T)
     ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [v, i64([2])])])  # (B, kv, g, S, hd)
     ctx = g.op("Reshape", [ctx, i64([0, nh, -1, hd])])
     ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, S, nh, hd)
@@ -215,42 +252,77 @@ class FloatProjections:
 
 def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: Weights, inv_freq: np.ndarray,
                   proj=None, on_layer: Callable[[int], None] = lambda i: None) -> onnx.ModelProto:
-    """Reads each weight once, in graph order, writing it out before reading the next."""
+    """Reads each weight once, in graph order, writing it out before reading the next.
+    `inv_freq` is the global rope's; sliding layers with a rope of their own (cfg.local_rope) get it."""
     dt = plan.np_dtype
     proj = proj or FloatProjections(dt)
     small = lambda name, key, layer=None: g.weight(name, np.asarray(weights.get(key, layer), dt))  # noqa: E731
+    norm = lambda name, key, layer=None: g.weight(  # noqa: E731  (1 + w) for Gemma's HF weights, in float32 as HF
+        name, np.asarray(weights.get(key, layer) + np.float32(cfg.norm_offset), dt))
     bias = lambda name, keys, layer, on: (  # noqa: E731
         g.weight(name, np.asarray(np.concatenate([weights.get(k, layer) for k in keys]), dt)) if on else None)
     add = lambda y, b: g.op("Add", [y, b]) if b else y  # noqa: E731
-    cos_t, sin_t = rope_tables(cfg, inv_freq, dt)
-    cos, sin = g.weight("rope.cos", cos_t), g.weight("rope.sin", sin_t)
+    ropes = _rope_inputs(g, cfg, inv_freq, dt)
     inp = gqa_inputs(g) if plan.attention == "gqa" else standard_inputs(g, cfg, dt)
     attend = ATTENTION[plan.attention]
+    eps = cfg.rms_eps
 
     x = proj.embedding(g, weights)  # (B, S, H)
-    h, residual = rms_norm(g, x, small("layers.0.attn_norm", "attn_norm", 0), cfg.rms_eps), x
+    if cfg.embed_scale != 1.0:  # HF multiplies by the scale cast to the table's dtype
+        x = g.op("Mul", [x, g.const(np.array(cfg.embed_scale, dt))])
+    h, residual = rms_norm(g, x, norm("layers.0.attn_norm", "attn_norm", 0), eps), x
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
         qkv = add(proj.linear(g, h, f"{p}.qkv", weights, ("q", "k", "v"), i),
                   bias(f"{p}.qkv.bias", ("q_bias", "k_bias", "v_bias"), i, cfg.qkv_bias))
-        attn = attend(g, cfg, qkv, i, inp, cos, sin)
+        qkv = _qk_norm(g, cfg, qkv, norm(f"{p}.q_norm", "q_norm", i), norm(f"{p}.k_norm", "k_norm", i)) \
+            if cfg.qk_norm else (qkv,)
+        attn = attend(g, cfg, qkv, i, inp, *ropes[cfg.layer_rope(i)])
         attn = add(proj.linear(g, attn, f"{p}.o", weights, ("o",), i), bias(f"{p}.o.bias", ("o_bias",), i, cfg.o_bias))
-        h, residual = skip_rms_norm(g, attn, residual, small(f"{p}.mlp_norm", "mlp_norm", i), cfg.rms_eps)
+        if cfg.sandwich_norms:
+            attn = rms_norm(g, attn, norm(f"{p}.post_attn_norm", "post_attn_norm", i), eps)
+        h, residual = skip_rms_norm(g, attn, residual, norm(f"{p}.mlp_norm", "mlp_norm", i), eps)
         gate_up = add(proj.linear(g, h, f"{p}.gate_up", weights, ("gate", "up"), i),
                       bias(f"{p}.gate_up.bias", ("gate_bias", "up_bias"), i, cfg.mlp_bias))
-        act = swiglu(g, gate_up, cfg.intermediate_size)
+        act = gated_mlp_act(g, gate_up, cfg.intermediate_size, cfg.activation, dt)
         mlp = add(proj.linear(g, act, f"{p}.down", weights, ("down",), i), bias(f"{p}.down.bias", ("down_bias",), i, cfg.mlp_bias))
+        if cfg.sandwich_norms:
+            mlp = rms_norm(g, mlp, norm(f"{p}.post_mlp_norm", "post_mlp_norm", i), eps)
         last = i + 1 == cfg.num_layers
-        norm = small("norm.weight", "norm") if last else small(f"layers.{i + 1}.attn_norm", "attn_norm", i + 1)
-        h, residual = skip_rms_norm(g, mlp, residual, norm, cfg.rms_eps)
+        next_norm = norm("norm.weight", "norm") if last else norm(f"layers.{i + 1}.attn_norm", "attn_norm", i + 1)
+        h, residual = skip_rms_norm(g, mlp, residual, next_norm, eps)
         on_layer(i)
 
     logits = proj.lm_head(g, keep_last(g, h), weights, cfg)
-    if dt != np.float32 or g.nodes[-1].output[0] != logits:
+    if dt != np.float32:
+        logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+    if cfg.final_softcap:
+        logits = softcap(g, logits, cfg.final_softcap, np.dtype(np.float32))
+    if g.nodes[-1].output[0] != logits:
         g.op("Cast", [logits], to=TensorProto.FLOAT, outputs=[io.LOGITS])
     else:
         g.nodes[-1].output[0] = io.LOGITS
     return _model(g, cfg, plan)
+
+
+def _rope_inputs(g: GraphWriter, cfg: ModelConfig, inv_freq: np.ndarray, dt: np.dtype) -> dict:
+    """RopeConfig -> (cos, sin) tables (context_length, hd/2), one pair per rope the layers use."""
+    ropes = {cfg.rope: inv_freq}
+    if cfg.local_rope is not None and any(cfg.window(i) for i in range(cfg.num_layers)):
+        ropes.setdefault(cfg.local_rope, cfg.local_rope.inv_freq(cfg.head_dim))
+    out = {}
+    for n, (rope, freqs) in enumerate(ropes.items()):
+        cos_t, sin_t = rope_tables(cfg, freqs, dt)
+        prefix = "rope" if n == 0 else "rope_local"
+        out[rope] = (g.weight(f"{prefix}.cos", cos_t), g.weight(f"{prefix}.sin", sin_t))
+    return out
+
+
+def _qk_norm(g: GraphWriter, cfg: ModelConfig, qkv: str, q_norm: str, k_norm: str) -> tuple[str, str, str]:
+    """Packed qkv -> (q, k, v) with q and k RMS-normed per head (Gemma 3, before rope)."""
+    nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = g.op("Split", [qkv, g.const(np.array([nh * hd, kv * hd, kv * hd], np.int64))], n_out=3, axis=-1)
+    return (head_rms_norm(g, q, q_norm, nh, hd, cfg.rms_eps), head_rms_norm(g, k, k_norm, kv, hd, cfg.rms_eps), v)
 
 
 def keep_last(g: GraphWriter, h: str) -> str:

@@ -26,17 +26,23 @@ class QuantProjections:
         self.sums: dict = {}
         self.errors: list[float] = []
         self.native = 0  # weights imported exactly from source blocks
+        self.tensors: dict[str, dict] = {}  # source tensor name -> its type, how it was carried, its error
         self._table: BlockQuant | None = None
 
     def _weight(self, w, key: str, layer: int | None, bits: int) -> BlockQuant:
+        """The source's own blocks when they fit in `bits` (carried exactly), else a fit of the
+        float values (refit: a GGUF type wider than `bits`, or one with no exact block form)."""
         native = w.block_quant(key, layer)
+        name, source_type = w.source_tensor(key, layer)
         if native is not None and native.bits <= bits:
             self.native += 1
             self.errors.append(0.0)
+            self.tensors[name] = dict(type=source_type, carried=f"exact int{native.bits}", bits=bits, error=0.0)
             return native.widened(bits, native.block) if native.bits < bits else native
         mat = w.get(key, layer)
         bq = quantize(mat, bits, self.opt.block_size, self.opt.scheme_for(bits))
         self.errors.append(bq.error(mat))
+        self.tensors[name] = dict(type=source_type, carried="refit", bits=bits, error=round(self.errors[-1], 6))
         return bq
 
     def linear(self, g, x: str, name: str, w, keys: Sequence[str], layer: int) -> str:
