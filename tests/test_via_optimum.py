@@ -99,7 +99,7 @@ def test_run_greedy_text_matches_transformers(exported, family):
     model = Model.load(folder)
     ids = model.encode(PROMPT)
     expected = greedy_reference(reference, ids, 12)
-    r = CliRunner().invoke(main, ["run", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1"])
+    r = CliRunner().invoke(main, ["run", str(folder), "--raw", "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1"])
     assert r.exit_code == 0, r.output
     ours = [s.token_id for s in model.generate(PROMPT, max_new_tokens=12) if s.token_id is not None]
     assert ours == expected
