@@ -73,11 +73,11 @@ class Grammar:
         if not isinstance(schema, (dict, bool)):
             raise BadArgumentError(f"a JSON schema is an object (or true/false), not {type(schema).__name__}")
         llg = _llguidance()
-        compiled = schema
+        compiled = closed_objects(schema)
         if isinstance(schema, dict) and "x-guidance" not in schema:
             # JSON's whitespace, at most WHITESPACE_RUN characters at a time: enough for a model's
             # own indentation, too little to loop in (a small model can emit newlines forever)
-            compiled = {**schema, "x-guidance": {"whitespace_pattern": WHITESPACE}}
+            compiled = {**compiled, "x-guidance": {"whitespace_pattern": WHITESPACE}}
         try:
             source = llg.LLMatcher.grammar_from_json_schema(compiled)
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -313,6 +313,33 @@ def _failing_path(model: "Model", root: dict) -> str:
 
     found = deepest(root, "")
     return found
+
+
+def closed_objects(schema, member_of_all_of: bool = False):
+    """`schema` with `"additionalProperties": false` on every object schema that lists its
+    `properties` and says nothing about others — what llama.cpp's schema converter and
+    OpenAI's strict mode generate. Every output still validates against the schema as given;
+    it only stops a model from inventing properties (on SmolLM2, 59 of 129 generations added
+    some, 45 of them until the token limit). An `allOf` member is left open: closing each
+    part would forbid the other parts' properties."""
+    if isinstance(schema, list):
+        return [closed_objects(s, member_of_all_of) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [closed_objects(sub, member_of_all_of=True) for sub in value]
+        elif key in _SUBSCHEMA_LISTS + _SUBSCHEMA_ONE:
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    open_keys = ("additionalProperties", "unevaluatedProperties", "patternProperties", "allOf")
+    if "properties" in out and not member_of_all_of and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
 
 
 def _escape(name: str) -> str:
