@@ -152,8 +152,9 @@ def exported(source: Path, bits: int | None | str = "auto",
         raise BadArgumentError(f"{source}: no such file or folder")
     if not needs_export(source):
         raise BadArgumentError(f"{source}: not a .gguf file nor a Hugging Face folder (config.json + *.safetensors)")
-    options = export_options(source, bits)
-    key = _key(source, options)
+    # Keyed by the bits asked for: what "auto" resolves to follows from the source's files,
+    # which the key already covers, so a cached run never parses the GGUF (0.34 s for SmolLM2).
+    key = _key(source, {"dtype": "fp32", "bits": bits})
     entry = models_root() / key
     model = entry / MODEL_NAME
     entry.mkdir(parents=True, exist_ok=True)
@@ -163,6 +164,7 @@ def exported(source: Path, bits: int | None | str = "auto",
 
             from .export import ExportOptions, export
 
+            options = export_options(source, bits)
             what = f"int{options['bits']}" if options["bits"] else options["dtype"]
             notify(f"exporting {source.name} ({what}) once into {model}; later runs reuse it")
             quant = QuantOptions(bits=options["bits"], force=True) if options["bits"] else None

@@ -35,7 +35,6 @@ from .errors import BadArgumentError, MissingExtraError, install_hint
 if TYPE_CHECKING:
     from .model import Model
 
-KINDS = ("json_schema", "json", "regex", "lark")
 WHITESPACE_RUN = 20
 WHITESPACE = r"[\x20\x0A\x0D\x09]{0,%d}" % WHITESPACE_RUN
 

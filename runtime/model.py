@@ -306,7 +306,7 @@ class ChatSession:
 
         if config.speculate is None or not config.draft_tokens or config.speculate == "ngram":
             return None  # n-gram lookup holds no state worth keeping
-        if getattr(self, "_drafter_key", None) is not config.speculate:
+        if self._drafter_key is not config.speculate:
             self._drafter_key, self._drafter = config.speculate, make_drafter(config.speculate, self.model)
         return self._drafter
 
