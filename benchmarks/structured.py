@@ -340,16 +340,10 @@ PEERS = {"el": ElPeer, "genai": GenaiPeer, "llamacpp": LlamaCppPeer, "xgrammar":
 
 
 def versions(system):
-    import importlib.metadata as md
-    names = {"el": ["edgellama", "onnxruntime", "llguidance"], "genai": ["onnxruntime-genai", "onnxruntime"],
-             "llamacpp": ["llama-cpp-python"], "xgrammar": ["xgrammar", "torch", "transformers"]}[system]
-    out = {}
-    for n in names:
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    from decode_peer import package_versions
+    return package_versions({"el": ["edgellama", "onnxruntime", "llguidance"],
+                             "genai": ["onnxruntime-genai", "onnxruntime"], "llamacpp": ["llama-cpp-python"],
+                             "xgrammar": ["xgrammar", "torch", "transformers"]}[system])
 
 
 def peer_main(a):

@@ -114,6 +114,17 @@ def tiny_model_of_layout(tmp_path_factory, layout, threads: int = 1, **overrides
     return model
 
 
+def tiny_float_folder(tmp_path_factory, name: str) -> Path:
+    """A tiny random Llama (hidden 128, weights off any quantization grid) exported to fp32:
+    returns the root holding hf/ and fp32/, for module fixtures of the quantize tests."""
+    from edgellama.exporter.export import export
+
+    root = tmp_path_factory.mktemp(name)
+    make_tiny(root / "hf", hidden_size=128, intermediate_size=256, initializer_range=0.05)
+    export(root / "hf", root / "fp32")
+    return root
+
+
 @pytest.fixture
 def tiny_factory(tmp_path):
     def make(name: str = "tiny", family: str = "llama", **overrides):

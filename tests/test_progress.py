@@ -24,12 +24,9 @@ from edgellama.quantize.rewrite import quantize_folder
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama exported to fp32 (its weights are not on any quantization grid)."""
-    from conftest import make_tiny
+    from conftest import tiny_float_folder
 
-    root = tmp_path_factory.mktemp("tiny-progress")
-    make_tiny(root / "hf", hidden_size=128, intermediate_size=256, initializer_range=0.05)
-    export(root / "hf", root / "fp32")
-    return root
+    return tiny_float_folder(tmp_path_factory, "tiny-progress")
 
 
 class Recorder:

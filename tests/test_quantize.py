@@ -190,12 +190,9 @@ def test_smollm2_gguf_blocks_equal_gguf_py(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def tiny_float(tmp_path_factory):
-    from conftest import make_tiny
+    from conftest import tiny_float_folder
 
-    root = tmp_path_factory.mktemp("tinyq")
-    make_tiny(root / "hf", hidden_size=128, intermediate_size=256, initializer_range=0.05)
-    export(root / "hf", root / "fp32")
-    return root
+    return tiny_float_folder(tmp_path_factory, "tinyq")
 
 
 # Relative RMS logit error on random weights (no structure: the worst case for 4 bits);

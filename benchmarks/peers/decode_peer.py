@@ -266,12 +266,16 @@ def peak_rss_mb():
 
 
 def versions(system):
+    return package_versions({"genai": ["onnxruntime-genai", "onnxruntime"],
+                             "llamacpp": ["llama-cpp-python"],
+                             "optimum": ["optimum-onnx", "optimum", "onnxruntime", "transformers", "torch"],
+                             "transformers": ["transformers", "torch"],
+                             "edgellama": ["edgellama", "onnxruntime"]}[system])
+
+
+def package_versions(names):
+    """{package: version} for those of `names` installed in this interpreter."""
     import importlib.metadata as md
-    names = {"genai": ["onnxruntime-genai", "onnxruntime"],
-             "llamacpp": ["llama-cpp-python"],
-             "optimum": ["optimum-onnx", "optimum", "onnxruntime", "transformers", "torch"],
-             "transformers": ["transformers", "torch"],
-             "edgellama": ["edgellama", "onnxruntime"]}[system]
     out = {}
     for n in names:
         try:
