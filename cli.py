@@ -114,6 +114,14 @@ def _runtime_process() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _must_exist(path: Path, what: str) -> None:
+    """One line for a path that is not there, naming what to give instead."""
+    from edgellama.runtime.errors import BadArgumentError
+
+    if not path.exists():
+        raise BadArgumentError(f"{path}: no such file or folder; give {what}")
+
+
 def _notes_to_stderr() -> None:
     """The library's one-line notes (logger "edgellama": a stale partial folder removed, ...)
     go to stderr as `note: ...`."""
@@ -158,11 +166,8 @@ def _model_source(source: Path, bits: str = "auto", main_model: bool = True) -> 
     """The folder (or bundle) to load for SOURCE, exporting a GGUF / Hugging Face folder once
     into the cache."""
     from edgellama.exporter.cache import exported, needs_export
-    from edgellama.runtime.errors import BadArgumentError
 
-    if not source.exists():
-        raise BadArgumentError(f"{source}: no such file or folder; give an exported model folder, a bundle, "
-                               "a .gguf file or a Hugging Face folder")
+    _must_exist(source, "an exported model folder, a bundle, a .gguf file or a Hugging Face folder")
     if not needs_export(source):
         _refuse_unless(not main_model, {"source_bits": "--bits"},
                        "a .gguf or Hugging Face MODEL (this one is exported already; use `edgellama quantize`)")
@@ -306,10 +311,7 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str,
       edgellama export ./Llama-3.2-1B-Instruct llama-fp16 --dtype fp16
     """
     _refuse_unless(kw["bits"] is not None, QUANT_FLAGS, "--bits 4 or --bits 8")
-    if not source.exists():
-        from edgellama.runtime.errors import BadArgumentError
-
-        raise BadArgumentError(f"{source}: no such file or folder; give a .gguf file or a Hugging Face folder")
+    _must_exist(source, "a .gguf file or a Hugging Face folder")
     _require_extra("export", "export", EXPORT_MODULES)
     _notes_to_stderr()
     from edgellama.exporter.export import ExportOptions, export as run_export
@@ -346,10 +348,7 @@ def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
     calibrated = kw["method"] == "gptq" or (kw["calibrate"] and kw["method"] in ("mse", "mse-zp"))
     _refuse_unless(calibrated, {"calibration": "--calibration", "calibration_tokens": "--calibration-tokens"},
                    "calibration (--method mse, mse-zp or gptq, without --no-calibration)")
-    if not model_dir.exists():
-        from edgellama.runtime.errors import BadArgumentError
-
-        raise BadArgumentError(f"{model_dir}: no such folder; give a float folder from `edgellama export`")
+    _must_exist(model_dir, "a float folder from `edgellama export`")
     _require_extra("export", "quantize", ("onnx",))
     _notes_to_stderr()
     from edgellama.quantize import quantize_folder
@@ -455,11 +454,9 @@ def inspect(model_dir: Path) -> None:
     Example:
       edgellama inspect smollm2-int4
     """
-    from edgellama.runtime.errors import BadArgumentError
     from edgellama.tools.report import describe
 
-    if not model_dir.exists():
-        raise BadArgumentError(f"{model_dir}: no such file or folder")
+    _must_exist(model_dir, "a model folder or a bundle")
     click.echo(describe(model_dir))
 
 
@@ -776,10 +773,7 @@ def compile_(model_dir: Path, output_dir: Path, target: str, fmt: str, level: st
     """
     _refuse_unless(target == "cpu" and fmt == "onnx", {"prepack": "--prepack/--no-prepack"},
                    "--target cpu and --format onnx (prepacked weights exist only there)")
-    if not model_dir.exists():
-        from edgellama.runtime.errors import BadArgumentError
-
-        raise BadArgumentError(f"{model_dir}: no such folder; give a model folder from `edgellama export`")
+    _must_exist(model_dir, "a model folder from `edgellama export`")
     _notes_to_stderr()
     from edgellama.deploy.compile import CompileOptions, compile_folder
 

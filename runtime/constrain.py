@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import BadArgumentError, MissingExtraError, install_hint
+from .errors import BadArgumentError, MissingExtraError
 
 if TYPE_CHECKING:
     from .model import Model
@@ -47,8 +47,8 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:  # pragma: no cover - a base dependency, but installs can be trimmed
-        raise MissingExtraError(f"constrained decoding needs llguidance, which this install lacks: "
-                                f"pip install 'llguidance>=1.0'") from None
+        raise MissingExtraError("constrained decoding needs llguidance, which this install lacks: "
+                                "pip install 'llguidance>=1.0'") from None
     return llguidance
 
 
