@@ -232,29 +232,48 @@ def main(debug: bool) -> None:
     """
 
 
-def _quant_options(default_bits: str | None):
-    """--bits and friends, shared by `export` (optional) and `quantize`."""
+def _quant_options(default_bits: str | None, presets: bool = False):
+    """--bits and friends, shared by `export` (optional) and `quantize`; with `presets` the
+    options a preset sets default to the preset's value (None here, filled by _quant)."""
     needs = " (with --bits)" if default_bits is None else ""
+    from_preset = lambda value: None if presets else value  # noqa: E731
+    shown = not presets
+    by_preset = " Default: the --preset's." if presets else ""
     options = [
         click.option("--bits", type=click.Choice(["4", "8"]), default=default_bits, show_default=True,
                      help="Block-quantize weights (MatMulNBits)." if default_bits is None else
                           "Weight bits (MatMulNBits)."),
-        click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32",
-                     show_default=True, help=f"Weights per quantization block{needs}."),
+        click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=from_preset("32"),
+                     show_default=shown, help=f"Weights per quantization block{needs}.{by_preset}"),
         click.option("--symmetric/--asymmetric", default=False, show_default=True,
                      help=f"Asymmetric keeps a float minimum per block (exact on Q4_1/Q4_K grids){needs}."),
-        click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp", "gptq"]), default="mse", show_default=True,
+        click.option("--method", type=click.Choice(["rtn", "mse", "mse-zp", "gptq"]), default=from_preset("mse"),
+                     show_default=shown,
                      help="rtn: round to nearest; mse: least-squares scale and float min per block (exact on "
                           "GGUF grids); mse-zp: least squares with integer zero points (fewer ops, faster); "
                           f"gptq: error-compensating GPTQ on the calibration text, integer zero points "
-                          f"(quantize only){needs}."),
+                          f"(quantize only){needs}.{by_preset}"),
         click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default="4", show_default=True,
                      help=f"MatMulNBits compute: 4 = int8 activations (fast on CPU), 0 = float (slow on CPU){needs}."),
-        click.option("--embeddings", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True,
-                     help=f"The embedding table: kept float, or block-quantized{needs}."),
-        click.option("--lm-head", type=click.Choice(["keep", "int8", "int4"]), default="int8", show_default=True,
-                     help=f"The output projection: kept float, or block-quantized{needs}."),
+        click.option("--embeddings", type=click.Choice(["keep", "int8", "int4"]), default=from_preset("int8"),
+                     show_default=shown, help=f"The embedding table: kept float, or block-quantized{needs}.{by_preset}"),
+        click.option("--lm-head", type=click.Choice(["keep", "int8", "int4"]), default=from_preset("int8"),
+                     show_default=shown,
+                     help=f"The output projection: kept float, or block-quantized (a table tied to the embedding "
+                          f"is stored once when both have the same bits){needs}.{by_preset}"),
     ]
+    if presets:
+        from edgellama.buildkit.quant_options import DEFAULT_PRESET, PRESETS
+
+        options += [
+            click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+                         help="A measured size / speed / accuracy point (README: Presets): sets --block-size, "
+                              "--method, --embeddings, --lm-head and how many projections get 8 bits; options "
+                              "given explicitly win."),
+            click.option("--size-budget", "size_budget", type=click.FloatRange(min=0, min_open=True), default=None,
+                         metavar="MB", help="Largest folder to write (MB = 10^6 bytes): the projections whose "
+                                            "4-bit fit loses most on the calibration text get 8 bits while it fits."),
+        ]
 
     def wrap(fn):
         for option in reversed(options):
@@ -269,13 +288,20 @@ QUANT_FLAGS = {"block_size": "--block-size", "symmetric": "--symmetric/--asymmet
 
 
 def _quant(kw: dict, force: bool):
+    """QuantOptions from the command's options; with --preset (quantize), the preset's values
+    for the options not given."""
     from edgellama.buildkit.quant_options import QuantOptions
 
-    return QuantOptions(bits=int(kw["bits"]), block_size=int(kw["block_size"]), symmetric=kw["symmetric"],
-                        method=kw["method"], accuracy_level=int(kw["accuracy_level"]),
-                        embeddings=kw["embeddings"], lm_head=kw["lm_head"], force=force,
-                        calibrate=kw.get("calibrate", True), calibration=kw.get("calibration"),
-                        calibration_tokens=kw.get("calibration_tokens") or 4096)
+    given = dict(bits=int(kw["bits"]), symmetric=kw["symmetric"], accuracy_level=int(kw["accuracy_level"]),
+                 force=force, calibrate=kw.get("calibrate", True), calibration=kw.get("calibration"),
+                 calibration_tokens=kw.get("calibration_tokens") or 4096)
+    for name, value in (("block_size", kw["block_size"]), ("method", kw["method"]),
+                        ("embeddings", kw["embeddings"]), ("lm_head", kw["lm_head"])):
+        if value is not None:
+            given[name] = int(value) if name == "block_size" else value
+    if kw.get("preset") is None:
+        return QuantOptions(**given)
+    return QuantOptions.from_preset(kw["preset"], size_budget_mb=kw.get("size_budget"), **given)
 
 
 def _weights(manifest) -> str:
@@ -328,7 +354,7 @@ def export(source: Path, output_dir: Path, dtype: str, attention: str, via: str,
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
-@_quant_options(default_bits="4")
+@_quant_options(default_bits="4", presets=True)
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="A UTF-8 text to calibrate on (default: a text shipped with edgellama). mse / mse-zp weigh "
                    "each input column's error by its activations' mean square; gptq needs it.")
@@ -345,21 +371,27 @@ def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
       edgellama quantize smollm2-fp32 smollm2-int4
       edgellama quantize smollm2-fp32 smollm2-int4-b128 --block-size 128 --method mse-zp
     """
-    calibrated = kw["method"] == "gptq" or (kw["calibrate"] and kw["method"] in ("mse", "mse-zp"))
+    from edgellama.buildkit.quant_options import PRESETS
+
+    method = kw["method"] or PRESETS[kw["preset"]]["method"]
+    calibrated = method == "gptq" or (kw["calibrate"] and method in ("mse", "mse-zp"))
     _refuse_unless(calibrated, {"calibration": "--calibration", "calibration_tokens": "--calibration-tokens"},
                    "calibration (--method mse, mse-zp or gptq, without --no-calibration)")
+    options = _quant(kw, force)
     _must_exist(model_dir, "a float folder from `edgellama export`")
     _require_extra("export", "quantize", ("onnx",))
     _notes_to_stderr()
     from edgellama.quantize import quantize_folder
 
     with _progress("quantizing") as progress:
-        manifest = quantize_folder(model_dir, output_dir, _quant(kw, force), progress)
+        manifest = quantize_folder(model_dir, output_dir, options, progress)
     q = manifest.quantization
     error = q.get("mean_relative_error")
     shown = f", mean relative weight error {error:.3g}" if isinstance(error, (int, float)) else ""
-    click.echo(f"wrote {output_dir} (int{kw['bits']}, block {kw['block_size']}, {q['scheme']}, "
-               f"{q['quantized_weights']} weights{shown})", err=True)
+    preset = f"{q['preset']}: " if q.get("preset") else ""
+    wider = f", {len(q['int8_projections'])} projections at int8" if q.get("int8_projections") else ""
+    click.echo(f"wrote {output_dir} ({preset}int{q['bits']}, block {q['block_size']}, {q['scheme']}, "
+               f"{q['quantized_weights']} weights{wider}{shown})", err=True)
 
 
 @main.command(name="eval", context_settings=CONTEXT)
@@ -391,10 +423,14 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
     from edgellama.runtime.model import Model
     from edgellama.tools.evaluate import evaluate
 
-    model = Model.load(_model_source(model_dir, source_bits), provider=provider, threads=threads)
-    ref = Model.load(_model_source(reference, main_model=False), provider=provider, threads=threads) if reference else None
+    model_folder = _model_source(model_dir, source_bits)
+    ref_folder = _model_source(reference, main_model=False) if reference else None
+    # Loaders, not models: evaluate scores one model, sets its logits aside and frees it before
+    # loading the other, so two sessions are never resident at once.
+    load = lambda folder: lambda: Model.load(folder, provider=provider, threads=threads)  # noqa: E731
     with _progress("evaluating") as progress:
-        result = evaluate(model, text_file.read_text(encoding="utf-8"), window, stride, ref, progress)
+        result = evaluate(load(model_folder), text_file.read_text(encoding="utf-8"), window, stride,
+                          load(ref_folder) if ref_folder else None, progress)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -749,12 +785,14 @@ def serve(model_dir: Path, host: str, port: int, name: str | None, api_key: str 
 @main.command(name="compile", context_settings=CONTEXT)
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="The provider the artifact will run on; it loads only there.")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "arm64"]), default="cpu", show_default=True,
+              help="Where the artifact will run; it loads only there. arm64: ARM64 boards (Raspberry Pi 4 / 5), "
+                   "prepared on any machine, ARM's int8 path as accurate as x86's; runs on x86 too.")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: ORT format for ONNX Runtime Mobile / minimal builds (+ required_operators.config).")
-@click.option("--level", type=click.Choice(["basic", "extended", "all"]), default="all", show_default=True,
-              help="onnxruntime graph optimization level to bake in.")
+@click.option("--level", type=click.Choice(["basic", "extended", "all"]), default=None,
+              help="onnxruntime graph optimization level to bake in. Default: all; extended for --target arm64 "
+                   "(all is laid out for this machine's CPU).")
 @click.option("--prepack/--no-prepack", default=None,
               help="Save weights in the CPU kernels' packed layout (cpu, onnx format): the fastest fp32 "
                    "load and packed weights in file-backed memory, at twice the size; the artifact runs only "

@@ -90,10 +90,13 @@ SYSTEMS = {
     "el-fp32-hf":     ("edgellama", "fp32", "edgellama export HF folder (fp32)"),
     "el-q4_1":        ("edgellama", "int4", "edgellama export GGUF --bits 4 (exact Q4_1 import)"),
     "el-q8-export":   ("edgellama", "int8", "edgellama export GGUF --bits 8"),
-    "el-int4-mse":    ("edgellama", "int4", "edgellama quantize (int4, block 32, mse)"),
-    "el-int4-msezp":  ("edgellama", "int4", "edgellama quantize --method mse-zp"),
+    "el-int4-mse":    ("edgellama", "int4", "edgellama quantize --method mse --block-size 32"),
+    "el-int4-msezp":  ("edgellama", "int4", "edgellama quantize --method mse-zp --block-size 32"),
     "el-int8":        ("edgellama", "int8", "edgellama quantize --bits 8"),
-    "el-int4-b128":   ("edgellama", "int4", "edgellama quantize --block-size 128"),
+    "el-int4-b128":   ("edgellama", "int4", "edgellama quantize --method mse --block-size 128"),
+    "el-int4-small":  ("edgellama", "int4", "edgellama quantize --preset small"),
+    "el-int4-balanced": ("edgellama", "int4", "edgellama quantize (--preset balanced, the default)"),
+    "el-int4-accurate": ("edgellama", "int4", "edgellama quantize --preset accurate"),
     "optimum-fp32":   ("optimum", "fp32", "optimum-cli export onnx, ORTModelForCausalLM"),
     "optimum-int8":   ("optimum", "int8", "ORTQuantizer avx512_vnni dynamic int8, per channel"),
     "genai-fp32":     ("genai", "fp32", "onnxruntime-genai builder -p fp32"),
@@ -108,13 +111,14 @@ SYSTEMS = {
 # which systems each section covers (in table order)
 EXPORTS = ["el-fp32", "el-fp32-hf", "el-q4_1", "el-q8-export", "optimum-fp32", "genai-fp32",
            "genai-int4", "genai-int4-b128", "optimum-int8"]
-QUANTIZES = ["el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128"]
-SPEED = ["el-fp32", "el-q4_1", "el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128",
+PRESETS = ["el-int4-small", "el-int4-balanced", "el-int4-accurate"]
+QUANTIZES = ["el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128", *PRESETS]
+SPEED = ["el-fp32", "el-q4_1", "el-int4-mse", "el-int4-msezp", "el-int8", "el-int4-b128", *PRESETS,
          "transformers-fp32", "optimum-fp32", "genai-fp32", "optimum-int8", "genai-int4",
          "genai-int4-b128", "llamacpp-q4_1", "elrt-genai-fp32", "elrt-genai-int4"]
 EL_BENCH = ["el-fp32", "el-q4_1", "el-int4-mse", "el-int4-msezp", "el-int8"]
 ACCURACY = ["el-fp32", "el-q4_1", "el-q8-export", "el-int4-mse", "el-int4-msezp", "el-int8",
-            "el-int4-b128", "optimum-fp32", "genai-fp32", "optimum-int8", "genai-int4",
+            "el-int4-b128", *PRESETS, "optimum-fp32", "genai-fp32", "optimum-int8", "genai-int4",
             "genai-int4-b128", "llamacpp-q4_1"]
 
 OPTIMUM_INT8 = """
@@ -180,10 +184,14 @@ def build_commands(b: Bench) -> dict[str, list[str]]:
         # genai 0.18 names it block_size (int4_block_size is the deprecated alias)
         "genai-int4-b128": genai + ["-o", w("genai-int4-b128"), "-p", "int4", "--extra_options", "block_size=128"],
         "optimum-int8": [b.lay.python("optimum"), "-c", OPTIMUM_INT8, w("optimum-fp32"), w("optimum-int8")],
-        "el-int4-mse": [*b.el, "quantize", w("el-fp32"), w("el-int4-mse")],
-        "el-int4-msezp": [*b.el, "quantize", w("el-fp32"), w("el-int4-msezp"), "--method", "mse-zp"],
+        "el-int4-mse": [*b.el, "quantize", w("el-fp32"), w("el-int4-mse"), "--method", "mse", "--block-size", "32"],
+        "el-int4-msezp": [*b.el, "quantize", w("el-fp32"), w("el-int4-msezp"), "--method", "mse-zp",
+                          "--block-size", "32"],
         "el-int8": [*b.el, "quantize", w("el-fp32"), w("el-int8"), "--bits", "8"],
-        "el-int4-b128": [*b.el, "quantize", w("el-fp32"), w("el-int4-b128"), "--block-size", "128"],
+        "el-int4-b128": [*b.el, "quantize", w("el-fp32"), w("el-int4-b128"), "--method", "mse", "--block-size", "128"],
+        "el-int4-small": [*b.el, "quantize", w("el-fp32"), w("el-int4-small"), "--preset", "small"],
+        "el-int4-balanced": [*b.el, "quantize", w("el-fp32"), w("el-int4-balanced")],
+        "el-int4-accurate": [*b.el, "quantize", w("el-fp32"), w("el-int4-accurate"), "--preset", "accurate"],
     }
 
 

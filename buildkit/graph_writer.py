@@ -6,6 +6,7 @@ path (re-saving a traced graph's weights); the graph's blocks live with their bu
 
 from __future__ import annotations
 
+import itertools
 from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
@@ -14,7 +15,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 MS = "com.microsoft"  # onnxruntime's contrib-op domain
 OPSET = 17
-_ALIGN = 64 * 1024  # page-aligned external data lets ONNX Runtime memory-map weights
+# Weights of 1 MiB and more start on a 64 KiB boundary (a multiple of every page size and of
+# Windows' allocation granularity), so a memory map of them shares no page with another weight;
+# smaller ones (a small model's projections, scales, norms: hundreds per model, and MatMulNBits
+# prepacks them into memory of its own anyway) are packed on 64-byte boundaries — 64 KiB
+# alignment for all of them padded SmolLM2's int4 folder by 14 MB.
+_ALIGN = 64 * 1024
+_SMALL = 1024 * 1024
+_SMALL_ALIGN = 64
+
+
+def stored_size(nbytes: int) -> int:
+    """The most a weight of `nbytes` takes in the external data file, its alignment included."""
+    return nbytes + (_ALIGN if nbytes >= _SMALL else _SMALL_ALIGN)
 
 
 class GraphWriter:
@@ -36,10 +49,14 @@ class GraphWriter:
 
     def weight_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> str:
         """One weight written as consecutive row blocks (a big table never whole in memory)."""
-        offset = -(-self.data.tell() // _ALIGN) * _ALIGN
+        chunks = iter(chunks)
+        head = [np.ascontiguousarray(c) for c in itertools.islice(chunks, 2)]
+        big = len(head) > 1 or sum(c.nbytes for c in head) >= _SMALL  # a weight in chunks is a big one
+        align = _ALIGN if big else _SMALL_ALIGN
+        offset = -(-self.data.tell() // align) * align
         self.data.seek(offset)
         rows, tail, dtype = 0, (), None
-        for chunk in chunks:
+        for chunk in itertools.chain(head, chunks):
             chunk = np.ascontiguousarray(chunk)
             self.data.write(memoryview(chunk).cast("B"))
             rows, tail, dtype = rows + (chunk.shape[0] if chunk.ndim else 1), chunk.shape[1:], chunk.dtype

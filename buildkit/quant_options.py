@@ -10,10 +10,20 @@ import numpy as np
 
 from edgellama.runtime.errors import BadArgumentError
 
-from .schemes import BITS, METHODS, scheme_name
+from .schemes import BITS, BLOCK_SIZES, METHODS, scheme_name
 
 TABLE_CHOICES = ("keep", "int8", "int4")
 ACCURACY_LEVELS = (0, 1, 2, 4)
+
+# Named points on the size / speed / accuracy curve (`quantize --preset`; README "Presets"
+# has their measured figures). `mixed_share`: the share of the bytes that 8 bits everywhere
+# would add which goes to the projections whose 4-bit fit loses most (quantize/mixed.py).
+PRESETS: dict[str, dict] = {
+    "small": dict(bits=4, block_size=64, method="mse-zp", embeddings="int4", lm_head="int4", mixed_share=0.0),
+    "balanced": dict(bits=4, block_size=64, method="mse-zp", embeddings="int8", lm_head="int8", mixed_share=0.0),
+    "accurate": dict(bits=4, block_size=32, method="mse-zp", embeddings="int8", lm_head="int8", mixed_share=0.15),
+}
+DEFAULT_PRESET = "balanced"
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,26 @@ class QuantOptions:
     calibrate: bool = True
     calibration: str | None = None  # a UTF-8 text file; None = the text shipped with edgellama
     calibration_tokens: int = 4096
+    table_block_size: int | None = None  # the embedding / lm_head tables' block; None: block_size
+    preset: str | None = None  # the name the options came from, for the manifest
+    mixed_share: float = 0.0  # see PRESETS
+    size_budget_mb: float | None = None  # the whole folder, in MB (10^6 bytes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "QuantOptions":
+        """A preset's options, with `overrides` (options given explicitly) on top."""
+        if name not in PRESETS:
+            raise BadArgumentError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    def block_for(self, table: bool) -> int:
+        """The block size of a vocabulary table (embedding / lm_head) or of a projection."""
+        return self.table_block_size or self.block_size if table else self.block_size
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some 4-bit projections may get 8 bits (quantize/mixed.py)."""
+        return self.bits == 4 and (self.mixed_share > 0 or self.size_budget_mb is not None)
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -47,6 +77,13 @@ class QuantOptions:
             raise BadArgumentError("--method gptq needs a calibration text; drop --no-calibration")
         if self.calibration_tokens < 64:
             raise BadArgumentError(f"--calibration-tokens {self.calibration_tokens}: use at least 64")
+        if self.table_block_size is not None and self.table_block_size not in BLOCK_SIZES:
+            raise BadArgumentError(f"table block size {self.table_block_size} is not one of {BLOCK_SIZES}")
+        if not 0.0 <= self.mixed_share <= 1.0:
+            raise BadArgumentError(f"mixed_share {self.mixed_share} must be within [0, 1]")
+        if self.size_budget_mb is not None and (self.size_budget_mb <= 0 or self.bits != 4):
+            raise BadArgumentError(f"--size-budget {self.size_budget_mb}: give a positive number of MB, with --bits 4 "
+                                   "(the budget picks which projections get 8 bits instead of 4)")
         for opt, value in (("--embeddings", self.embeddings), ("--lm-head", self.lm_head)):
             if value not in TABLE_CHOICES + (("same",) if opt == "--lm-head" else ()):
                 raise BadArgumentError(f"{opt} {value!r}: choose one of {', '.join(TABLE_CHOICES)}")
@@ -74,11 +111,21 @@ class QuantOptions:
             return self.bits
         return None if choice == "keep" else int(choice[3:])
 
-    def record(self, errors: list[float], exact_from_source: int | None = None) -> dict:
-        """The manifest's `quantization` entry: these options and what quantizing cost."""
+    def record(self, errors: list[float], exact_from_source: int | None = None,
+               wider: list[str] | None = None) -> dict:
+        """The manifest's `quantization` entry: these options and what quantizing cost;
+        `wider`: the projections a mixed choice gave 8 bits."""
         d = asdict(self)
         d.pop("force")
         d.pop("calibrate")
+        if self.preset is None:
+            d.pop("preset")
+        d["table_block_size"] = self.block_for(table=True)
+        if not self.mixed:
+            d.pop("mixed_share")
+            d.pop("size_budget_mb")
+        else:
+            d["int8_projections"] = sorted(wider or [])
         if not self.calibrated:
             d["calibration"] = None
             d.pop("calibration_tokens")

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgellama.buildkit.quant_nodes import gather_block_quantized, matmul_nbits
+from edgellama.buildkit.quant_nodes import QuantWeight, gather_block_quantized, matmul_nbits, write_weight
 from edgellama.buildkit.quant_options import QuantOptions
 from edgellama.buildkit.schemes import BlockQuant, concat_rows, quantize
 from edgellama.runtime import contract as io
@@ -27,7 +27,7 @@ class QuantProjections:
         self.errors: list[float] = []
         self.native = 0  # weights imported exactly from source blocks
         self.tensors: dict[str, dict] = {}  # source tensor name -> its type, how it was carried, its error
-        self._table: BlockQuant | None = None
+        self._table: QuantWeight | None = None  # the embedding table as written, for a tied lm_head
 
     def _weight(self, w, key: str, layer: int | None, bits: int) -> BlockQuant:
         """The source's own blocks when they fit in `bits` (carried exactly), else a fit of the
@@ -40,7 +40,8 @@ class QuantProjections:
             self.tensors[name] = dict(type=source_type, carried=f"exact int{native.bits}", bits=bits, error=0.0)
             return native.widened(bits, native.block) if native.bits < bits else native
         mat = w.get(key, layer)
-        bq = quantize(mat, bits, self.opt.block_size, self.opt.scheme_for(bits))
+        bq = quantize(mat, bits, self.opt.block_for(table=layer is None), self.opt.scheme_for(bits))
+        bq = bq.with_half_scales() if self.dtype == np.float32 else bq  # 2-byte scales (buildkit.quant_nodes)
         self.errors.append(bq.error(mat))
         self.tensors[name] = dict(type=source_type, carried="refit", bits=bits, error=round(self.errors[-1], 6))
         return bq
@@ -54,7 +55,7 @@ class QuantProjections:
         if bits is None:
             table = g.weight_chunks("embed.weight", (np.asarray(c, self.dtype) for c in w.row_chunks("embed")))
             return g.op("Gather", [table, io.INPUT_IDS], axis=0)
-        self._table = self._weight(w, "embed", None, bits)
+        self._table = write_weight(g, self._weight(w, "embed", None, bits), "embed", self.dtype)
         return gather_block_quantized(g, self._table, io.INPUT_IDS, "embed", self.dtype)
 
     def lm_head(self, g, h: str, w, cfg) -> str:
@@ -63,6 +64,6 @@ class QuantProjections:
         if bits is None:
             table = g.weight_chunks(f"{key}.weight", (np.asarray(c, self.dtype) for c in w.row_chunks(key)))
             return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
-        same = key == "embed" and self._table is not None and self._table.bits == bits
-        bq = self._table if same else self._weight(w, key, None, bits)
-        return matmul_nbits(g, h, bq, "lm_head", self.dtype, self.opt.accuracy_level, block_sums=self.sums)
+        same = key == "embed" and self._table is not None and self._table.bq.bits == bits
+        table = self._table if same else self._weight(w, key, None, bits)  # a tied table: stored once
+        return matmul_nbits(g, h, table, "lm_head", self.dtype, self.opt.accuracy_level, block_sums=self.sums)

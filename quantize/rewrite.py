@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgellama.buildkit.graph_writer import MS, GraphWriter
 from edgellama.buildkit.output import atomic_folder, check_not_source, check_target, copy_model_files
-from edgellama.buildkit.quant_nodes import gather_block_quantized, matmul_nbits
+from edgellama.buildkit.quant_nodes import gather_block_quantized, matmul_nbits, write_weight
 from edgellama.buildkit.quant_options import QuantOptions
 from edgellama.buildkit.schemes import GPTQ_FORMS, quantize
 from edgellama.runtime import contract as io
@@ -56,6 +56,9 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     reader = InitializerReader(src, model.graph)
     targets = _targets(model.graph, reader, options, manifest.vocab_size)
     hessians = _calibrate(src, model, targets, options, progress) if options.calibrated else {}
+    wider: list[str] = []
+    if options.mixed:  # some 4-bit projections get 8 bits (a preset's share or --size-budget)
+        targets, wider = _mix(src, model, targets, reader, hessians, options, progress)
     with atomic_folder(out, force=options.force) as tmp:
         copy_model_files(src, tmp, {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME})
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
@@ -68,7 +71,7 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
         _finish(model, g)
         onnx.save_model(model, str(tmp / io.GRAPH_NAME))
         progress(2, WRITE_STEPS, "write")
-        new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors))
+        new = replace(manifest, weights=f"int{options.bits}", quantization=options.record(errors, wider=wider))
         (tmp / io.MANIFEST_NAME).write_text(new.to_json(), encoding="utf-8")
         progress(3, WRITE_STEPS, "write")
     return new
@@ -118,14 +121,25 @@ def _targets(graph: onnx.GraphProto, reader: InitializerReader, opt: QuantOption
     return [_quantizable(node, reader, opt, transposed, vocab) for node in graph.node]
 
 
+def _weight_key(target: _Target) -> tuple:
+    """One quantized weight per (initializer, layout, bits): a tied table read by the embedding
+    Gather and by the lm_head is quantized and stored once."""
+    return target.weight, target.layout, target.bits
+
+
 def _fresh_count(targets: list[_Target | None]) -> int:
-    """How many weights get quantized: one per distinct (kind, weight, layout, bits), as _emit stores them."""
-    return len({t[:4] for t in targets if t is not None})
+    """How many weights get quantized, as _emit stores them."""
+    return len({_weight_key(t) for t in targets if t is not None})
 
 
 def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None], opt: QuantOptions,
                progress: Progress) -> dict[str, np.ndarray]:
-    """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables)."""
+    """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables).
+
+    GPTQ and the mixed-precision choice read the whole matrix; the activation-weighted fits
+    (mse, mse-zp) read only its diagonal, so only that is collected for them: (K,) per
+    input instead of (K, K) float64 (SmolLM2-135M: 0.8 GB less, and most of calibration's
+    arithmetic). _rewrite hands a diagonal on as a zero-copy (K, K) view whose diagonal it is."""
     from .calibrate import collect_hessians
 
     inputs = {node.input[0] for node, target in zip(model.graph.node, targets) if _projection(target)}
@@ -136,8 +150,57 @@ def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None],
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise BadArgumentError(f"--calibration {path}: cannot read it as UTF-8 text ({exc})") from None
-    hessians, _ = collect_hessians(src, model, inputs, text, opt.calibration_tokens, progress=progress)
+    full = opt.method == "gptq" or opt.mixed
+    hessians, _ = collect_hessians(src, model, inputs, text, opt.calibration_tokens, progress=progress,
+                                   diagonal=not full)
     return hessians
+
+
+def _mix(src: Path, model: onnx.ModelProto, targets: list[_Target | None], reader: InitializerReader,
+         hessians: dict[str, np.ndarray], opt: QuantOptions, progress: Progress
+         ) -> tuple[list[_Target | None], list[str]]:
+    """Targets with the chosen 4-bit projections at 8 bits (quantize/mixed.py), and their names."""
+    from .mixed import choose, measure
+
+    mixable: dict[tuple, tuple[_Target, str]] = {}
+    for node, t in zip(model.graph.node, targets):
+        if _projection(t) and t.bits == 4:
+            mixable.setdefault(_weight_key(t), (t, node.input[0]))
+    weights = [(key, t.weight, lambda t=t: _read(reader, t), hessians.get(x)) for key, (t, x) in mixable.items()]
+    candidates = measure(weights, opt, progress)
+    budget = None if opt.size_budget_mb is None else int(opt.size_budget_mb * 1e6)
+    chosen = choose(candidates, _fixed_bytes(src, model, reader, targets, set(mixable), opt), budget, opt.mixed_share)
+    new = [t._replace(bits=8) if t is not None and _weight_key(t) in chosen else t for t in targets]
+    return new, [c.name for c in candidates if c.key in chosen]
+
+
+def _fixed_bytes(src: Path, model: onnx.ModelProto, reader: InitializerReader, targets: list[_Target | None],
+                 mixable: set[tuple], opt: QuantOptions) -> int:
+    """The most the output folder takes besides the mixable projections: the copied files,
+    the graph, the float initializers kept and the weights whose bits are fixed."""
+    from edgellama.buildkit.graph_writer import stored_size
+
+    from .mixed import quantized_bytes
+
+    total = sum(f.stat().st_size for f in src.iterdir() if f.is_file() and f.name != io.GRAPH_DATA_NAME)
+    total += 2 * (src / io.GRAPH_NAME).stat().st_size  # the rewritten graph has more nodes than the float one
+    quantized = {t.weight for t in targets if t is not None}
+    used = _used_names(model.graph.node)
+    for name, proto in reader.protos.items():
+        if name in used and name not in quantized:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type)).itemsize
+            total += stored_size(int(np.prod(proto.dims, dtype=np.int64)) * itemsize)
+    fixed = {_weight_key(t): t for t in targets if t is not None and _weight_key(t) not in mixable}
+    for t in fixed.values():
+        n, k = reader.protos[t.weight].dims[::-1] if t.layout == "kn" else reader.protos[t.weight].dims
+        total += quantized_bytes(n, k, t.bits, opt.block_for(t.kind == "gather" or t.head), opt.scheme_for(t.bits))
+    return total
+
+
+def _read(reader: InitializerReader, target: _Target) -> np.ndarray:
+    """The target's weight as (N, K) float32: blocks run along K."""
+    w = np.asarray(reader.array(target.weight), dtype=np.float32)
+    return w.T if target.layout == "kn" else w
 
 
 def _projection(target: _Target | None) -> bool:
@@ -151,14 +214,15 @@ def _rewrite(graph: onnx.GraphProto, targets: list[_Target | None], reader: Init
     """Re-emit every node into g, quantizing weights on the way; returns their relative errors,
     one per weight quantized (progress "fit:tensors" counts them)."""
     total, errors, sums, done = _fresh_count(targets), [], {}, {}
-    once = _WriteOnce(g)
     progress(0, total, "fit:tensors")
     for node, target in zip(graph.node, targets):
         if target is None:
             g.nodes.append(node)
             continue
         hessian = (hessians or {}).get(node.input[0]) if _projection(target) else None
-        fresh = _emit(node, target, reader, once, opt, dtype, sums, done, hessian)
+        if hessian is not None and hessian.ndim == 1:  # a diagonal only (_calibrate): np.diag of this view gives it back
+            hessian = np.broadcast_to(hessian, (len(hessian), len(hessian)))
+        fresh = _emit(node, target, reader, g, opt, dtype, sums, done, hessian)
         errors.extend(fresh)
         if fresh:
             progress(len(errors), total, "fit:tensors")
@@ -173,7 +237,7 @@ def _keep_float_initializers(graph: onnx.GraphProto, reader: InitializerReader, 
     g.nodes[:] = [n for n in g.nodes if not (n.op_type == "Transpose" and n.output[0] in transposed
                                              and n.output[0] not in used)]
     written = {t.name for t in g.initializers}
-    for name in _used_names(g.nodes):  # float initializers still used (norms, rope tables, a kept table ...)
+    for name in sorted(_used_names(g.nodes)):  # float initializers still used (norms, rope tables, a kept table ...)
         if name in reader.protos and name not in written:
             _copy_initializer(reader, g, name)
 
@@ -228,46 +292,32 @@ def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed:
     return target._replace(bits=bits, head=head) if bits else None
 
 
-class _WriteOnce:
-    """A GraphWriter that stores each weight name once: a shared initializer's quantized
-    form is written for its first node and read by the others."""
-
-    def __init__(self, g: GraphWriter):
-        self.g, self.names = g, set()
-
-    def weight(self, name: str, arr: np.ndarray) -> str:
-        if name not in self.names:
-            self.names.add(name)
-            self.g.weight(name, arr)
-        return name
-
-    def __getattr__(self, attr):
-        return getattr(self.g, attr)
-
-
-def _emit(node, target: _Target, reader: InitializerReader, g: _WriteOnce, opt: QuantOptions, dtype: np.dtype,
+def _emit(node, target: _Target, reader: InitializerReader, g: GraphWriter, opt: QuantOptions, dtype: np.dtype,
           sums: dict, done: dict, hessian: np.ndarray | None = None) -> list[float]:
     """Write the quantized node(s); the error of each newly quantized weight (none for a shared one)."""
-    key = target[:4]
+    key = _weight_key(target)
     fresh = key not in done
     if fresh:
-        w = np.asarray(reader.array(target.weight), dtype=np.float32)
-        w = w.T if target.layout == "kn" else w  # quantized as (N, K): blocks run along K
+        w = _read(reader, target)
         scheme = opt.scheme_for(target.bits)
+        block = opt.block_for(table=target.kind == "gather" or target.head)
         if hessian is not None and opt.method == "gptq":
-            bq = gptq(w, hessian, target.bits, opt.block_size, GPTQ_FORMS[scheme])
+            bq = gptq(w, hessian, target.bits, block, GPTQ_FORMS[scheme])
         elif hessian is not None:  # activation-weighted least squares: E[x_k^2] weighs column k
-            bq = quantize(w, target.bits, opt.block_size, scheme, importance=np.diag(hessian))
+            bq = quantize(w, target.bits, block, scheme, importance=np.diag(hessian))
         else:
-            bq = quantize(w, target.bits, opt.block_size, scheme)
-        done[key] = (bq, g.fresh(target.weight.replace("/", "_").replace(":", "_")), bq.error(w))
-    bq, name, error = done[key]
+            bq = quantize(w, target.bits, block, scheme)
+        bq = bq.with_half_scales() if dtype == np.float32 else bq
+        name = g.fresh(target.weight.replace("/", "_").replace(":", "_"))
+        done[key] = (write_weight(g, bq, name, dtype), bq.error(w))
+    qw, error = done[key]
+    name = qw.qweight.removesuffix(".qweight")
     if target.kind == "gather":
-        gather_block_quantized(g, bq, node.input[1], name, dtype, out=node.output[0])
+        gather_block_quantized(g, qw, node.input[1], name, dtype, out=node.output[0])
     elif target.bias is None:
-        matmul_nbits(g, node.input[0], bq, name, dtype, opt.accuracy_level, out=node.output[0], block_sums=sums)
+        matmul_nbits(g, node.input[0], qw, name, dtype, opt.accuracy_level, out=node.output[0], block_sums=sums)
     else:
-        y = matmul_nbits(g, node.input[0], bq, name, dtype, opt.accuracy_level, block_sums=sums)
+        y = matmul_nbits(g, node.input[0], qw, name, dtype, opt.accuracy_level, block_sums=sums)
         g.op("Add", [y, target.bias], outputs=[node.output[0]])
     return [error] if fresh else []
 
