@@ -39,10 +39,19 @@ class QuantProjections:
             self.errors.append(0.0)
             self.tensors[name] = dict(type=source_type, carried=f"exact int{native.bits}", bits=bits, error=0.0)
             return native.widened(bits, native.block) if native.bits < bits else native
-        mat = w.get(key, layer)
-        bq = quantize(mat, bits, self.opt.block_for(table=layer is None), self.opt.scheme_for(bits))
-        bq = bq.with_half_scales() if self.dtype == np.float32 else bq  # 2-byte scales (buildkit.quant_nodes)
-        self.errors.append(bq.error(mat))
+        block, scheme = self.opt.block_for(table=layer is None), self.opt.scheme_for(bits)
+        # A vocabulary table is read and fitted a few thousand rows at a time: at Llama 3.2's
+        # 128k x 2048 its float32 copy alone would be 1 GB (every fit works row by row).
+        chunks = w.row_chunks(key) if layer is None else [w.get(key, layer)]
+        parts, err2, norm2 = [], 0.0, 0.0
+        for mat in chunks:
+            part = quantize(np.asarray(mat, np.float32), bits, block, scheme)
+            part = part.with_half_scales() if self.dtype == np.float32 else part  # 2-byte scales (buildkit.quant_nodes)
+            err2 += float(np.square(part.dequantize() - mat).sum())
+            norm2 += float(np.square(mat, dtype=np.float64).sum())
+            parts.append(part)
+        bq = parts[0] if len(parts) == 1 else concat_rows(parts)
+        self.errors.append((err2 / max(norm2, 1e-30)) ** 0.5)
         self.tensors[name] = dict(type=source_type, carried="refit", bits=bits, error=round(self.errors[-1], 6))
         return bq
 

@@ -6,7 +6,8 @@ fit's cost is measured on the calibration text: the relative output error
     e(W') = tr((W' - W) H (W' - W)^T) / tr(W H W^T),    H = sum of x x^T over the text,
 
 the share of that projection's output (on real activations) the fit gets wrong — the
-objective GPTQ minimises, here used to rank. Upgrading a projection to 8 bits buys
+objective GPTQ minimises, here used to rank; H is its diagonal unless GPTQ collected the
+whole matrix. Upgrading a projection to 8 bits buys
 e4 - e8 for the extra bytes it costs; projections are upgraded in order of that gain per
 byte while the folder stays within its budget. A weight without statistics (no calibration)
 gets H = I, the plain weight error.
@@ -52,11 +53,14 @@ def quantized_bytes(n: int, k: int, bits: int, block: int, scheme: str) -> int:
 
 
 def output_error(w: np.ndarray, bq: BlockQuant, hessian: np.ndarray | None) -> float:
-    """tr(D H D^T) / tr(W H W^T) for D = deq(bq) - W (H = I without statistics)."""
+    """tr(D H D^T) / tr(W H W^T) for D = deq(bq) - W: H the (K, K) statistics, or their (K,)
+    diagonal (what calibration collects unless GPTQ needs the whole matrix), or None (H = I)."""
     d = bq.dequantize() - w
     if hessian is None:
         return float((d * d).sum() / max(float((w * w).sum()), 1e-30))
     h = np.asarray(hessian, np.float64)
+    if h.ndim == 1:
+        return float((d * d).sum(0) @ h / max(float((w * w).sum(0) @ h), 1e-30))
     num = float(np.einsum("nk,nk->", d @ h, d))
     den = float(np.einsum("nk,nk->", w @ h, w))
     return num / max(den, 1e-30)
@@ -69,7 +73,7 @@ def measure(weights: list[tuple[tuple, str, Callable[[], np.ndarray], np.ndarray
     progress(0, len(weights), "sensitivity:tensors")
     for i, (key, name, read, hessian) in enumerate(weights):
         w = read()
-        imp = None if hessian is None else np.diag(hessian)
+        imp = None if hessian is None else (hessian if np.ndim(hessian) == 1 else np.diag(hessian))
         fits, sizes = {}, {}
         for bits in (4, 8):
             scheme = opt.scheme_for(bits)

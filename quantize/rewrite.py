@@ -136,8 +136,8 @@ def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None],
                progress: Progress) -> dict[str, np.ndarray]:
     """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables).
 
-    GPTQ and the mixed-precision choice read the whole matrix; the activation-weighted fits
-    (mse, mse-zp) read only its diagonal, so only that is collected for them: (K,) per
+    GPTQ reads the whole matrix; the activation-weighted fits (mse, mse-zp) and the
+    mixed-precision choice read only its diagonal, so only that is collected for them: (K,) per
     input instead of (K, K) float64 (SmolLM2-135M: 0.8 GB less, and most of calibration's
     arithmetic). _rewrite hands a diagonal on as a zero-copy (K, K) view whose diagonal it is."""
     from .calibrate import collect_hessians
@@ -150,7 +150,7 @@ def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None],
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise BadArgumentError(f"--calibration {path}: cannot read it as UTF-8 text ({exc})") from None
-    full = opt.method == "gptq" or opt.mixed
+    full = opt.method == "gptq"
     hessians, _ = collect_hessians(src, model, inputs, text, opt.calibration_tokens, progress=progress,
                                    diagonal=not full)
     return hessians

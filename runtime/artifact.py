@@ -8,8 +8,9 @@ baked in. (Bundles from `edgellama pack` are read by bundle.py.)
 
 Compatibility rules (checked in this order, each refusal one line):
 
-1. target: an artifact compiled for ``cpu`` loads only with provider cpu, one for
-   ``cuda`` only with cuda (provider-specific fusions and kernels are baked in).
+1. target: an artifact compiled for ``cpu`` or ``arm64`` loads only with provider cpu,
+   one for ``cuda`` only with cuda (provider-specific fusions and kernels are baked in).
+   An ``arm64`` folder (level basic or extended, never prepacked) runs on any CPU, x86 too.
 2. onnxruntime: same major.minor as the compiler's (optimized graphs use internal
    fused ops whose kernels change between minor releases); exactly the same version
    when prepacked weights are baked in (their byte layout is private to a build).
@@ -31,10 +32,13 @@ from . import contract as io
 from .contract import Manifest
 from .errors import BadArgumentError, BadModelFileError
 
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "arm64")
 FORMATS = {"onnx": io.GRAPH_NAME, "ort": io.ORT_GRAPH_NAME}
 LEVELS = ("basic", "extended", "all")
-TARGET_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# The provider each target loads with: arm64 folders run on the CPU provider of any machine
+# (their graph holds only rewrites that are the same on every CPU; see deploy/compile.py).
+TARGET_RUNS_ON = {"cpu": "cpu", "cuda": "cuda", "arm64": "cpu"}
+TARGET_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "arm64": "CPUExecutionProvider"}
 
 # The CPU features MLAS picks kernels (and packed-weight layouts) by; compared as a set.
 ISA_FEATURES = (
@@ -87,15 +91,16 @@ def load_plan(folder: Path, manifest: Manifest, provider: str) -> LoadPlan:
     if target not in TARGETS or fmt not in FORMATS or level not in LEVELS or not built:
         raise BadModelFileError(f"{where}: the 'compiled' record is incomplete or unknown ({rec!r}); "
                                 "compile the model again")
-    if provider != target:
+    if provider != TARGET_RUNS_ON[target]:
         raise BadArgumentError(f"{folder}: compiled for target {target!r} but loaded with provider {provider!r}; "
-                               f"use --provider {target} or run 'edgellama compile --target {provider}' on the source")
+                               f"use --provider {TARGET_RUNS_ON[target]} or run 'edgellama compile --target "
+                               f"{provider}' on the source")
     prepacked = bool(rec.get("prepacked"))
     if not ort_version_compatible(built, ort.__version__, exact=prepacked):
         rule = "exactly that version" if prepacked else f"onnxruntime {'.'.join(built.split('.')[:2])}.x"
         raise BadModelFileError(f"{folder}: compiled with onnxruntime {built}, running {ort.__version__}; "
                                 f"this artifact needs {rule}: compile the source model again with this onnxruntime")
-    if prepacked or (target == "cpu" and level == "all"):
+    if prepacked or (TARGET_RUNS_ON[target] == "cpu" and level == "all"):
         _check_cpu(folder, rec.get("cpu"))
     graph = folder / FORMATS[fmt]
     config = {}
