@@ -88,8 +88,8 @@ class QuantOptions:
         if not 0.0 <= self.mixed_share <= 1.0:
             raise BadArgumentError(f"mixed_share {self.mixed_share} must be within [0, 1]")
         if self.size_budget_mb is not None and (self.size_budget_mb <= 0 or self.bits != 4):
-            raise BadArgumentError(f"--size-budget {self.size_budget_mb}: give a positive number of MB, with --bits 4 "
-                                   "(the budget picks which projections get 8 bits instead of 4)")
+            raise BadArgumentError(f"--size-budget {self.size_budget_mb} picks which projections get 8 bits instead "
+                                   "of 4, so it needs --bits 4 and a positive number of MB; drop --bits 8 or the budget")
         for opt, value in (("--embeddings", self.embeddings), ("--lm-head", self.lm_head)):
             if value not in TABLE_CHOICES + (("same",) if opt == "--lm-head" else ()):
                 raise BadArgumentError(f"{opt} {value!r}: choose one of {', '.join(TABLE_CHOICES)}")

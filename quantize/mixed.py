@@ -91,8 +91,8 @@ def choose(candidates: list[Candidate], fixed_bytes: int, budget_bytes: int | No
     folder, or (no budget) spending `share` of the bytes an all-8-bit choice would add."""
     floor = fixed_bytes + sum(c.bytes4 for c in candidates)
     if budget_bytes is not None and budget_bytes < floor:
-        raise BadArgumentError(f"--size-budget {budget_bytes / 1e6:.1f} MB is below the smallest folder these "
-                               f"options write ({floor / 1e6:.1f} MB); raise it, or make the tables smaller "
+        raise BadArgumentError(f"--size-budget {budget_bytes / 1e6:.3g} MB is below the smallest folder these "
+                               f"options write ({floor / 1e6:.3g} MB); raise it, or make the tables smaller "
                                "(--preset small, or --embeddings / --lm-head int4)")
     headroom = (budget_bytes - floor if budget_bytes is not None
                 else share * sum(c.bytes8 - c.bytes4 for c in candidates))

@@ -494,6 +494,22 @@ def _already_quantized(env):
     return ["quantize", env.model(), env.out]
 
 
+@case("size-budget-too-small", "quantize --size-budget below what the options can write", "--size-budget",
+      "below the smallest folder", "raise it")
+def _size_budget_too_small(env):
+    return ["quantize", env.model(), env.out, "--size-budget", "0.01", "--calibration-tokens", "64"]
+
+
+@case("size-budget-not-4-bits", "quantize --bits 8 --size-budget", "--size-budget", "needs --bits 4")
+def _size_budget_bits(env):
+    return ["quantize", env.model(), env.out, "--bits", "8", "--size-budget", "5"]
+
+
+@case("arm64-level-all", "compile --target arm64 --level all", "--target arm64", "--level all")
+def _arm64_level_all(env):
+    return ["compile", env.model(), env.out, "--target", "arm64", "--level", "all"]
+
+
 @case("chat-template-not-utf8", "model folder whose chat_template.jinja is Latin-1 text", "chat_template.jinja",
       "not UTF-8", "save it as UTF-8")
 def _template_not_utf8(env):

@@ -198,4 +198,4 @@ def test_cli_preset_and_explicit_options(tiny):
     r = runner.invoke(main, ["quantize", str(tiny / "fp32"), str(tiny / "cli-budget"), "--size-budget", "0.01"])
     assert r.exit_code != 0 and "below the smallest folder" in r.output and not (tiny / "cli-budget").exists()
     r = runner.invoke(main, ["quantize", str(tiny / "fp32"), str(tiny / "cli-b8"), "--bits", "8", "--size-budget", "1"])
-    assert r.exit_code != 0 and "with --bits 4" in r.output
+    assert r.exit_code != 0 and "needs --bits 4" in r.output
