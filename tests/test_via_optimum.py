@@ -119,7 +119,9 @@ def test_quantization_covers_every_weight_and_stays_close(exported, family, bits
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == projections and ops.count("GatherBlockQuantized") == 1
     assert not matrices & {t.name for t in graph.initializer}  # no float weight matrix is left
-    assert manifest.quantization["quantized_weights"] == projections + 1
+    tables = {n.input[0] for n in float_graph.node if n.op_type == "Gather" and n.input[0] in matrices}
+    tied = any(n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in tables for n in float_graph.node)
+    assert manifest.quantization["quantized_weights"] == projections + (0 if tied else 1)  # a tied table: once
     widths = {a.i: b.i for n in graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "N" for b in n.attribute if b.name == "bits"}
     assert widths.pop(manifest.vocab_size) == 8 and set(widths.values()) == {bits}  # the lm_head: --lm-head int8
@@ -140,9 +142,12 @@ def test_llama_exported_both_ways_gives_the_same_greedy_tokens(tmp_path):
     assert len(tokens[0]) == 16 and tokens[0] == tokens[1]
     np.testing.assert_allclose(cached_logits(tmp_path / "native", IDS), cached_logits(tmp_path / "optimum", IDS),
                                atol=1e-4, rtol=0)
-    # The same weights, quantized from either graph's layout, are the same blocks.
+    # The same weights, quantized from either graph's layout, are the same blocks (weight-only
+    # fits: calibration statistics from two graphs differ in the last bits, and a scale's
+    # rounding to float16 can tip on that).
     for name in ("native", "optimum"):
-        quantize_folder(tmp_path / name, tmp_path / f"{name}-int4", QuantOptions(bits=4, accuracy_level=0))
+        quantize_folder(tmp_path / name, tmp_path / f"{name}-int4", QuantOptions(bits=4, accuracy_level=0,
+                                                                                 calibrate=False))
     np.testing.assert_allclose(cached_logits(tmp_path / "native-int4", IDS),
                                cached_logits(tmp_path / "optimum-int4", IDS), atol=1e-4, rtol=0)
 
