@@ -371,10 +371,8 @@ def quantize(model_dir: Path, output_dir: Path, force: bool, **kw) -> None:
       edgellama quantize smollm2-fp32 smollm2-int4
       edgellama quantize smollm2-fp32 smollm2-int4-b128 --block-size 128 --method mse-zp
     """
-    from edgellama.buildkit.quant_options import PRESETS
-
-    method = kw["method"] or PRESETS[kw["preset"]]["method"]
-    calibrated = method == "gptq" or (kw["calibrate"] and method in ("mse", "mse-zp"))
+    # Whether these options calibrate, asked before --calibration itself is checked against them.
+    calibrated = _quant({**kw, "calibration": None}, force).calibrated
     _refuse_unless(calibrated, {"calibration": "--calibration", "calibration_tokens": "--calibration-tokens"},
                    "calibration (--method mse, mse-zp or gptq, without --no-calibration)")
     options = _quant(kw, force)

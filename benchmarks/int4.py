@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import compare  # noqa: E402
 import host  # noqa: E402
 import layout  # noqa: E402
 
@@ -59,22 +59,16 @@ def env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def timed(cmd: list[str], logfile: Path) -> dict:
+def timed(cmd: list[str], logfile: Path, run_env: dict) -> dict:
     """Run under GNU time -v: wall seconds and peak RSS."""
     with open(logfile, "w") as f:
-        subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=timed_env(), check=True)
-    text = logfile.read_text()
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
-    secs = 0.0
-    for part in wall.split(":"):
-        secs = secs * 60 + float(part)
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return {"wall_s": round(secs, 1), "peak_rss_mb": round(rss / 1024, 1)}
+        subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=run_env, check=True)
+    m = compare.parse_time_v(logfile.read_text())
+    return {"wall_s": round(m["wall_s"], 1), "peak_rss_mb": round(m["peak_rss_mb"], 1)}
 
 
 def size_mb(path: Path) -> float:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return round(sum(p.stat().st_size for p in files) / 1e6, 2)
+    return round(path.stat().st_size / 1e6 if path.is_file() else compare.dir_size_mb(path), 2)
 
 
 def build(a, lay) -> dict:
@@ -94,17 +88,10 @@ def build(a, lay) -> dict:
             continue
         shutil.rmtree(ex / label, ignore_errors=True)
         log(f"building {label}")
-        made[label] = {**timed(cmd, ex / f"{label}.log"), "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
+        run_env = layout.genai_builder_env(env(), lay.peers) if label.startswith("genai") else env()
+        made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
+                       "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
     return made
-
-
-def timed_env() -> dict:
-    """env(), plus the folder where setup installs onnx_ir for genai's builder (peers/onnx-ir-extra)."""
-    e = env()
-    extra = layout.REPO / "benchmarks" / "work" / "peers" / "onnx-ir-extra"
-    if extra.is_dir():
-        e["PYTHONPATH"] = os.pathsep.join(x for x in (str(extra), e.get("PYTHONPATH")) if x)
-    return e
 
 
 def speed(a, lay) -> dict:
@@ -145,23 +132,6 @@ def peer(a, lay, label: str) -> tuple[str, str, str]:
     return a.python, "edgellama", str(ex / label)
 
 
-def with_el_tokenizer(a, label: str) -> Path:
-    """genai's graph with edgellama's tokenizer (the same ids): hard links for the graph."""
-    d = a.work_dir / "eval" / label
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    src, tok = a.work_dir / label, a.work_dir / "el-fp32"
-    for f in ("model.onnx", "model.onnx.data", "genai_config.json"):
-        if (src / f).exists():
-            try:
-                os.link(src / f, d / f)
-            except OSError:
-                shutil.copyfile(src / f, d / f)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (d / f).symlink_to(tok / f)
-    return d
-
-
 def accuracy(a, lay) -> dict:
     ex, out = a.work_dir, {}
     el = [a.python, "-m", "edgellama.cli"]
@@ -178,7 +148,9 @@ def accuracy(a, lay) -> dict:
             doc = json.loads(r.stdout.strip().splitlines()[-1])
             out[label] = {"perplexity": doc["perplexity"], "tokens": doc.get("tokens")}
         else:
-            folder = with_el_tokenizer(a, label) if label == "genai-int4" else ex / label
+            # genai's graph with edgellama's tokenizer (the same ids), as compare.py scores peers
+            bench = compare.Bench(layout.Layout(**{**lay.__dict__, "exports": ex}), a.python, a.out)
+            folder = compare.with_el_tokenizer(bench, label) if label == "genai-int4" else ex / label
             r = subprocess.run([*el, "eval", str(folder), "--text", str(a.text), "--reference", str(ex / "el-fp32"),
                                 "--json", "--threads", str(a.threads)], capture_output=True, text=True, env=env())
             if r.returncode:

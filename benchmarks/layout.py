@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,15 @@ class Layout:
     def python(self, peer: str) -> str:
         """The interpreter of a peer venv: genai, optimum or llamacpp."""
         return str(self.peers / peer / "bin" / "python")
+
+
+def genai_builder_env(env: dict, peers: Path) -> dict:
+    """`env` for onnxruntime-genai's builder: it imports onnx_ir, which may only be installed
+    (pip --target) in PEERS/onnx-ir-extra."""
+    extra = peers / "onnx-ir-extra"
+    if not extra.is_dir():
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(x for x in (str(extra), env.get("PYTHONPATH")) if x)}
 
 
 def add_arguments(ap: argparse.ArgumentParser, *names: str) -> None:

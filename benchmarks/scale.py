@@ -441,6 +441,7 @@ def build_commands(a) -> dict[str, list[str]]:
 def run_builds(a, doc: dict) -> None:
     from compare import parse_time_v
     from compare import dir_size_mb
+    from layout import genai_builder_env
     from peers.cpuload import ForeignLoad, wait_quiet
     cmds = build_commands(a)
     (a.work / "logs").mkdir(parents=True, exist_ok=True)
@@ -455,10 +456,7 @@ def run_builds(a, doc: dict) -> None:
             log(f"build {label} ({r + 1}/{a.build_repeats}): {' '.join(cmds[label])}")
             logfile = a.work / "logs" / f"build-{label}.log"
             wait_quiet(log=log, max_wait_s=float(env()["CPULOAD_MAX_WAIT_S"]))
-            e = env()
-            extra = a.peers / "onnx-ir-extra"  # genai's builder imports onnx_ir; a --target install of it
-            if label.startswith("genai") and extra.is_dir():
-                e["PYTHONPATH"] = os.pathsep.join(x for x in (str(extra), e.get("PYTHONPATH")) if x)
+            e = genai_builder_env(env(), a.peers) if label.startswith("genai") else env()
             try:
                 with open(logfile, "w") as lf, ForeignLoad() as fl:
                     p = subprocess.run(["/usr/bin/time", "-v", *cmds[label]], stdout=lf, stderr=subprocess.STDOUT,
@@ -779,7 +777,6 @@ def report(doc: dict) -> str:
             rb = by.get(label, {})
             mb = rb.get("read_bytes", 0) / 1e6 or None
             lim = bw2 * 1e3 / mb if bw2 and mb else None
-            fc = max((x["foreign_cpus"] for x in r["rounds"]), default=None)
             top = max(x["decode_tok_s"] for x in r["rounds"])
             L.append(f"| {label} | {fmt(r['decode_tok_s'], 2)} | {fmt(ref_dec and r['decode_tok_s'] / ref_dec, 2)}x "
                      f"| {fmt(top, 2)} | {fmt(r['prefill_tok_s'], 1)} | {fmt(pp and r['prefill_tok_s'] / pp, 2)}x | {fmt(mb, 0)} "
