@@ -424,8 +424,9 @@ def eval_(model_dir: Path, text_file: Path, reference: Path | None, window: int,
     model_folder = _model_source(model_dir, source_bits)
     ref_folder = _model_source(reference, main_model=False) if reference else None
     # Loaders, not models: evaluate scores one model, sets its logits aside and frees it before
-    # loading the other, so two sessions are never resident at once.
-    load = lambda folder: lambda: Model.load(folder, provider=provider, threads=threads)  # noqa: E731
+    # loading the other, so two sessions are never resident at once, each in Model.load's
+    # low-memory form.
+    load = lambda folder: lambda: Model.load(folder, provider=provider, threads=threads, low_memory=True)  # noqa: E731
     with _progress("evaluating") as progress:
         result = evaluate(load(model_folder), text_file.read_text(encoding="utf-8"), window, stride,
                           load(ref_folder) if ref_folder else None, progress)

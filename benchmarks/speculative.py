@@ -16,7 +16,8 @@ every prompt runs all its modes back to back, so each speed-up is a ratio measur
 apart in one process):
 
     el-fp32      edgellama fp32 export of the GGUF: plain, ngram, draft (the int4 export drafts)
-    el-int4      edgellama `export --bits 4`: plain, ngram
+    el-int4      edgellama `quantize el-fp32` (its default preset, balanced; folder el-int4q):
+                 plain, ngram
     genai-int4   onnxruntime-genai builder -p int4 on the float copy: plain, ngram
                  (set_speculative_options(ngram_size, max_draft_tokens))
     genai-fp32   genai builder -p fp32: plain, draft (genai-int4 as genai_config model.draft)
@@ -76,8 +77,8 @@ def systems(a, lay) -> dict:
     ex = a.exports
     return {
         "el-fp32": (a.python, ["--system", "edgellama", "--model", str(ex / "el-fp32"),
-                               "--draft-model", str(ex / "el-int4"), "--modes", "plain,ngram,draft"]),
-        "el-int4": (a.python, ["--system", "edgellama", "--model", str(ex / "el-int4"), "--modes", "plain,ngram"]),
+                               "--draft-model", str(ex / "el-int4q"), "--modes", "plain,ngram,draft"]),
+        "el-int4": (a.python, ["--system", "edgellama", "--model", str(ex / "el-int4q"), "--modes", "plain,ngram"]),
         "genai-int4": (a.genai_python, ["--system", "genai", "--model", str(ex / "genai-int4"),
                                         "--modes", "plain,ngram"]),
         "genai-fp32": (a.genai_python, ["--system", "genai", "--model", str(ex / "genai-fp32"),
@@ -100,7 +101,7 @@ def prepare(a, lay) -> None:
         (lay.float_copy, [a.python, str(FLOAT_COPY), "--gguf-dir", str(lay.gguf.parent), "--gguf-file", lay.gguf.name,
                           "--out", str(lay.float_copy)]),
         (ex / "el-fp32", [*el, "export", str(lay.gguf), str(ex / "el-fp32")]),
-        (ex / "el-int4", [*el, "export", str(lay.gguf), str(ex / "el-int4"), "--bits", "4"]),
+        (ex / "el-int4q", [*el, "quantize", str(ex / "el-fp32"), str(ex / "el-int4q")]),
         (ex / "genai-int4", [*builder, "-o", str(ex / "genai-int4"), "-p", "int4"]),
         (ex / "genai-fp32", [*builder, "-o", str(ex / "genai-fp32"), "-p", "fp32"]),
     ]
@@ -238,7 +239,7 @@ def report(doc: dict) -> str:
          "- decode tok/s: first new token to last (prefill excluded), median over prompts. Speed-up: the system's "
          "speculative over its own plain decode, per prompt in the same process, median over prompts (min–max).",
          "- `draft`: no smaller model of this tokenizer is at hand, so the int4 graph of the same model drafts for "
-         "the fp32 graph (edgellama: its --bits 4 export; genai: its int4 build as `model.draft`). This measures the "
+         "the fp32 graph (edgellama: its `quantize` default; genai: its int4 build as `model.draft`). This measures the "
          "mechanism, not a realistic draft/target size ratio.", "",
          "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in chk:

@@ -35,10 +35,13 @@ class QuantProjections:
         native = w.block_quant(key, layer)
         name, source_type = w.source_tensor(key, layer)
         if native is not None and native.bits <= bits:
+            # Kept at its own bits: a Q4_K projection in an int8 export reads half the bytes of
+            # its widened copy, with the same values (concat_rows widens only the parts of a
+            # fused projection whose types differ).
             self.native += 1
             self.errors.append(0.0)
-            self.tensors[name] = dict(type=source_type, carried=f"exact int{native.bits}", bits=bits, error=0.0)
-            return native.widened(bits, native.block) if native.bits < bits else native
+            self.tensors[name] = dict(type=source_type, carried=f"exact int{native.bits}", bits=native.bits, error=0.0)
+            return native
         block, scheme = self.opt.block_for(table=layer is None), self.opt.scheme_for(bits)
         # A vocabulary table is read and fitted a few thousand rows at a time: at Llama 3.2's
         # 128k x 2048 its float32 copy alone would be 1 GB (every fit works row by row).
@@ -73,6 +76,9 @@ class QuantProjections:
         if bits is None:
             table = g.weight_chunks(f"{key}.weight", (np.asarray(c, self.dtype) for c in w.row_chunks(key)))
             return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
-        same = key == "embed" and self._table is not None and self._table.bq.bits == bits
+        # a tied table is stored once: at the bits asked for, or carried exactly at fewer
+        exact = self.tensors.get(w.source_tensor("embed", None)[0], {}).get("carried", "").startswith("exact")
+        same = key == "embed" and self._table is not None and (self._table.bq.bits == bits
+                                                               or (exact and self._table.bq.bits < bits))
         table = self._table if same else self._weight(w, key, None, bits)  # a tied table: stored once
         return matmul_nbits(g, h, table, "lm_head", self.dtype, self.opt.accuracy_level, block_sums=self.sums)

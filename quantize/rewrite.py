@@ -23,7 +23,7 @@ from edgellama.buildkit.graph_writer import MS, GraphWriter
 from edgellama.buildkit.output import atomic_folder, check_not_source, check_target, copy_model_files
 from edgellama.buildkit.quant_nodes import gather_block_quantized, matmul_nbits, write_weight
 from edgellama.buildkit.quant_options import QuantOptions
-from edgellama.buildkit.schemes import GPTQ_FORMS, quantize
+from edgellama.buildkit.schemes import GPTQ_FORMS, BlockQuant, quantize
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
 from edgellama.runtime.errors import BadArgumentError, BadModelFileError
@@ -57,14 +57,15 @@ def quantize_folder(src: Path, out: Path, options: QuantOptions,
     targets = _targets(model.graph, reader, options, manifest.vocab_size)
     hessians = _calibrate(src, model, targets, options, progress) if options.calibrated else {}
     wider: list[str] = []
+    fitted: dict[tuple, BlockQuant] = {}  # 4-bit fits the mixed choice already made, by _weight_key
     if options.mixed:  # some 4-bit projections get 8 bits (a preset's share or --size-budget)
-        targets, wider = _mix(src, model, targets, reader, hessians, options, progress)
+        targets, wider, fitted = _mix(src, model, targets, reader, hessians, options, progress)
     with atomic_folder(out, force=options.force) as tmp:
         copy_model_files(src, tmp, {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME})
         with open(tmp / io.GRAPH_DATA_NAME, "wb") as data:
             g = GraphWriter(data, io.GRAPH_DATA_NAME, prefix="quant/")  # apart from the copied nodes' names
             errors = _rewrite(model.graph, targets, reader, g, options, np.dtype(manifest.kv_numpy_dtype),
-                              progress, hessians)
+                              progress, hessians, fitted)
             progress(0, WRITE_STEPS, "write")
             _keep_float_initializers(model.graph, reader, g)
         progress(1, WRITE_STEPS, "write")
@@ -142,7 +143,7 @@ def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None],
     arithmetic). _rewrite hands a diagonal on as a zero-copy (K, K) view whose diagonal it is."""
     from .calibrate import collect_hessians
 
-    inputs = {node.input[0] for node, target in zip(model.graph.node, targets) if _projection(target)}
+    inputs = {node.input[0] for node, target in zip(model.graph.node, targets) if _calibrated(target)}
     text = None
     if opt.calibration is not None:
         path = Path(opt.calibration)
@@ -158,8 +159,9 @@ def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None],
 
 def _mix(src: Path, model: onnx.ModelProto, targets: list[_Target | None], reader: InitializerReader,
          hessians: dict[str, np.ndarray], opt: QuantOptions, progress: Progress
-         ) -> tuple[list[_Target | None], list[str]]:
-    """Targets with the chosen 4-bit projections at 8 bits (quantize/mixed.py), and their names."""
+         ) -> tuple[list[_Target | None], list[str], dict[tuple, BlockQuant]]:
+    """Targets with the chosen 4-bit projections at 8 bits (quantize/mixed.py), their names, and
+    the 4-bit fits of the others by their new _weight_key (what _emit would fit again)."""
     from .mixed import choose, measure
 
     mixable: dict[tuple, tuple[_Target, str]] = {}
@@ -167,11 +169,13 @@ def _mix(src: Path, model: onnx.ModelProto, targets: list[_Target | None], reade
         if _projection(t) and t.bits == 4:
             mixable.setdefault(_weight_key(t), (t, node.input[0]))
     weights = [(key, t.weight, lambda t=t: _read(reader, t), hessians.get(x)) for key, (t, x) in mixable.items()]
-    candidates = measure(weights, opt, progress)
+    candidates, fits4 = measure(weights, opt, progress)
     budget = None if opt.size_budget_mb is None else int(opt.size_budget_mb * 1e6)
     chosen = choose(candidates, _fixed_bytes(src, model, reader, targets, set(mixable), opt), budget, opt.mixed_share)
     new = [t._replace(bits=8) if t is not None and _weight_key(t) in chosen else t for t in targets]
-    return new, [c.name for c in candidates if c.key in chosen]
+    # GPTQ fits again on its own (the measured fits are the plain ones the ranking needs)
+    kept = {} if opt.method == "gptq" else {key: bq for key, bq in fits4.items() if key not in chosen}
+    return new, [c.name for c in candidates if c.key in chosen], kept
 
 
 def _fixed_bytes(src: Path, model: onnx.ModelProto, reader: InitializerReader, targets: list[_Target | None],
@@ -203,6 +207,11 @@ def _read(reader: InitializerReader, target: _Target) -> np.ndarray:
     return w.T if target.layout == "kn" else w
 
 
+def _calibrated(target: _Target | None) -> bool:
+    """A MatMul-like target, the lm_head included: the weights whose inputs calibration records."""
+    return target is not None and target.kind == "matmul"
+
+
 def _projection(target: _Target | None) -> bool:
     """A MatMul-like target that is not the lm_head: the weights calibration applies to."""
     return target is not None and target.kind == "matmul" and not target.head
@@ -210,19 +219,24 @@ def _projection(target: _Target | None) -> bool:
 
 def _rewrite(graph: onnx.GraphProto, targets: list[_Target | None], reader: InitializerReader, g: GraphWriter,
              opt: QuantOptions, dtype: np.dtype, progress: Progress,
-             hessians: dict[str, np.ndarray] | None = None) -> list[float]:
+             hessians: dict[str, np.ndarray] | None = None, fitted: dict[tuple, BlockQuant] | None = None
+             ) -> list[float]:
     """Re-emit every node into g, quantizing weights on the way; returns their relative errors,
     one per weight quantized (progress "fit:tensors" counts them)."""
     total, errors, sums, done = _fresh_count(targets), [], {}, {}
     progress(0, total, "fit:tensors")
+    # A vocabulary table's fit is weighed by the lm_head's input statistics, also where the
+    # embedding Gather reaches the (tied, stored once) table first.
+    head_input = {_weight_key(t): node.input[0] for node, t in zip(graph.node, targets) if t is not None and t.head}
     for node, target in zip(graph.node, targets):
         if target is None:
             g.nodes.append(node)
             continue
-        hessian = (hessians or {}).get(node.input[0]) if _projection(target) else None
+        x = node.input[0] if _projection(target) else head_input.get(_weight_key(target) if target else None)
+        hessian = (hessians or {}).get(x) if x is not None else None
         if hessian is not None and hessian.ndim == 1:  # a diagonal only (_calibrate): np.diag of this view gives it back
             hessian = np.broadcast_to(hessian, (len(hessian), len(hessian)))
-        fresh = _emit(node, target, reader, g, opt, dtype, sums, done, hessian)
+        fresh = _emit(node, target, reader, g, opt, dtype, sums, done, hessian, (fitted or {}).pop(_weight_key(target), None))
         errors.extend(fresh)
         if fresh:
             progress(len(errors), total, "fit:tensors")
@@ -293,15 +307,18 @@ def _quantizable(node, reader: InitializerReader, opt: QuantOptions, transposed:
 
 
 def _emit(node, target: _Target, reader: InitializerReader, g: GraphWriter, opt: QuantOptions, dtype: np.dtype,
-          sums: dict, done: dict, hessian: np.ndarray | None = None) -> list[float]:
-    """Write the quantized node(s); the error of each newly quantized weight (none for a shared one)."""
+          sums: dict, done: dict, hessian: np.ndarray | None = None, fit: BlockQuant | None = None) -> list[float]:
+    """Write the quantized node(s); the error of each newly quantized weight (none for a shared one).
+    `fit`: the weight's fit when one was already made (quantize/mixed.py measured it)."""
     key = _weight_key(target)
     fresh = key not in done
     if fresh:
         w = _read(reader, target)
         scheme = opt.scheme_for(target.bits)
         block = opt.block_for(table=target.kind == "gather" or target.head)
-        if hessian is not None and opt.method == "gptq":
+        if fit is not None:
+            bq = fit
+        elif hessian is not None and opt.method == "gptq":
             bq = gptq(w, hessian, target.bits, block, GPTQ_FORMS[scheme])
         elif hessian is not None:  # activation-weighted least squares: E[x_k^2] weighs column k
             bq = quantize(w, target.bits, block, scheme, importance=np.diag(hessian))

@@ -17,11 +17,12 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
-                 config: dict[str, str] | None = None, external_data_folder: Path | None = None
-                 ) -> ort.InferenceSession:
+                 config: dict[str, str] | None = None, external_data_folder: Path | None = None,
+                 arena: bool = True) -> ort.InferenceSession:
     """A session on a graph file, or on serialized graph bytes whose external data lives in
     `external_data_folder`. optimize=False for graphs optimized offline (`edgellama compile`);
-    config: extra session config entries."""
+    config: extra session config entries; arena=False: no CPU memory arena (allocations go
+    back as tensors die instead of pooling at the peak's rounded-up size)."""
     if provider not in PROVIDERS:
         raise BadArgumentError(f"provider {provider!r} is not supported; choose one of {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -34,6 +35,7 @@ def make_session(graph: Path | bytes, provider: str = "cpu", threads: int | None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads or default_threads()
+    opts.enable_cpu_mem_arena = arena
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not optimize:

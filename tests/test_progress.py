@@ -273,7 +273,8 @@ def test_quantize_reports_a_nonzero_error(tiny, tmp_path):
     options = QuantOptions(calibrate=False)
     _on_the_grid(tiny / "fp32", tmp_path / "grid", options)
     r = runner.invoke(main_cli(), ["quantize", str(tmp_path / "grid"), str(tmp_path / "q"), "--no-calibration",
-                                   "--method", "mse", "--block-size", "32"])
+                                   "--method", "mse", "--block-size", "32", "--embeddings", "int8",
+                                   "--lm-head", "int8"])
     assert r.exit_code == 0, r.output
     recorded = json.loads((tmp_path / "q" / "edgellama.json").read_text())["quantization"]["mean_relative_error"]
     shown = _error_shown(r.output)

@@ -173,3 +173,25 @@ def test_eval_in_turn_gives_the_same_numbers(deep_float, tmp_path):
     assert in_turn == both and both.kl is not None and both.kl > 0
     alone = evaluate(lambda: Model.load(tmp_path / "q8", threads=1), text, window=32, stride=24)
     assert alone.perplexity == both.perplexity and alone.tokens == both.tokens
+
+
+def test_low_memory_sessions_score_the_same(deep_float, tmp_path):
+    """Model.load(low_memory=True), what eval uses: no arena, and a float graph reads its weights
+    unpacked (a quantized one still prepacks); the scores match the ordinary sessions'."""
+    from edgellama.quantize.rewrite import quantize_folder
+    from edgellama.runtime.model import Model
+    from edgellama.tools.evaluate import evaluate
+
+    quantize_folder(deep_float / "fp32", tmp_path / "q4", QuantOptions(bits=4, method="rtn", calibrate=False))
+    text = "The quick brown fox jumps over the lazy dog. def f(x): return x * 2\n" * 12
+    plain = evaluate(Model.load(tmp_path / "q4", threads=1), text, window=32,
+                     reference=Model.load(deep_float / "fp32", threads=1))
+    lean_fp32 = Model.load(deep_float / "fp32", threads=1, low_memory=True)
+    lean_q4 = Model.load(tmp_path / "q4", threads=1, low_memory=True)
+    entry = "session.disable_prepacking"
+    assert lean_fp32.session.get_session_options().get_session_config_entry(entry) == "1"
+    assert not lean_fp32.session.get_session_options().enable_cpu_mem_arena
+    with pytest.raises(Exception):  # never set: MatMulNBits needs its packed weights
+        lean_q4.session.get_session_options().get_session_config_entry(entry)
+    lean = evaluate(lean_q4, text, window=32, reference=lean_fp32)
+    assert lean.perplexity == pytest.approx(plain.perplexity, rel=1e-5) and lean.kl == pytest.approx(plain.kl, rel=1e-3)

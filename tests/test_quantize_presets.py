@@ -199,3 +199,50 @@ def test_cli_preset_and_explicit_options(tiny):
     assert r.exit_code != 0 and "below the smallest folder" in r.output and not (tiny / "cli-budget").exists()
     r = runner.invoke(main, ["quantize", str(tiny / "fp32"), str(tiny / "cli-b8"), "--bits", "8", "--size-budget", "1"])
     assert r.exit_code != 0 and "needs --bits 4" in r.output
+
+
+def test_a_vocabulary_tables_fit_is_weighed_by_the_lm_heads_inputs(tiny, monkeypatch):
+    """The tied table is fitted once, where the embedding Gather reaches it, yet weighted by the
+    calibration statistics of the lm_head's input (the final norm's output), not left plain;
+    under those statistics its error is lower than the plain fit's."""
+    from edgellama.quantize import rewrite
+
+    calls = []
+    real = rewrite.quantize
+
+    def spy(w, bits, block, scheme, importance=None):
+        calls.append((w, importance))
+        return real(w, bits, block, scheme, importance=importance)
+
+    monkeypatch.setattr(rewrite, "quantize", spy)
+    vocab = Model.load(tiny / "fp32").vocab_size
+    opt = QuantOptions.from_preset("small", force=True, calibration_tokens=CALIBRATION)
+    quantize_folder(tiny / "fp32", tiny / "table-calibrated", opt)
+    tables = [(w, imp) for w, imp in calls if w.shape[0] == vocab]
+    assert len(tables) == 1 and tables[0][1] is not None  # one fit, weighted
+    w, imp = tables[0][0], np.asarray(tables[0][1], np.float64)
+    assert imp.shape == (128,) and imp.std() > 0.1 * imp.mean()  # real activations' spread, not uniform
+    weighted = lambda bq: float(((bq.dequantize() - w) ** 2).sum(0) @ imp)  # noqa: E731
+    calibrated = real(w, 4, 32, "mse-zeropoint", importance=imp)
+    plain = real(w, 4, 32, "mse-zeropoint")
+    assert weighted(calibrated) < weighted(plain)
+
+
+def test_the_mixed_choice_reuses_its_4_bit_fits_bit_for_bit(tiny, monkeypatch):
+    """Quantize fits each projection once: the 4-bit fits the mixed choice measured are the ones
+    written, and the folder is byte-identical to fitting them again."""
+    from edgellama.quantize import mixed
+
+    from edgellama.quantize import rewrite
+
+    opt = QuantOptions.from_preset("balanced", mixed_share=0.3, force=True, calibration_tokens=CALIBRATION)
+    fits = []
+    real_fit = rewrite.quantize
+    monkeypatch.setattr(rewrite, "quantize", lambda w, bits, *a, **k: fits.append(bits) or real_fit(w, bits, *a, **k))
+    quantize_folder(tiny / "fp32", tiny / "reused", opt)
+    assert fits.count(4) == 1  # the vocabulary table only: every 4-bit projection came from the measurement
+    real = mixed.measure
+    monkeypatch.setattr(mixed, "measure", lambda *a, **k: (real(*a, **k)[0], {}))
+    quantize_folder(tiny / "fp32", tiny / "refitted", opt)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tiny / "reused" / name).read_bytes() == (tiny / "refitted" / name).read_bytes(), name

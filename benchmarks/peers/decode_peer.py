@@ -71,9 +71,22 @@ PROMPT_TEXT = "The best thing about AI is its ability to"
 EOS_IDS = {1, 2}  # <|im_start|> (genai's builder adds it as end-of-turn) and <|im_end|>
 
 
+PREFILL_IDS_FILE = os.path.join(HERE, "prefill_512.json")
+
+
 def load_prefill_ids():
-    with open(os.path.join(HERE, "prefill_512.json")) as f:
-        return json.load(f)["ids"]
+    with open(PREFILL_IDS_FILE) as f:
+        doc = json.load(f)
+    return doc.get("ids") or doc["prefill"]
+
+
+def use_ids(path):
+    """Another model's prompts (--ids): a JSON object with "prompt" (ids), "prompt_text" (the
+    text they encode) and "prefill" (512 ids); replaces SmolLM2's built-in ones."""
+    global PROMPT_IDS, PROMPT_TEXT, PREFILL_IDS_FILE
+    with open(path) as f:
+        doc = json.load(f)
+    PROMPT_IDS, PROMPT_TEXT, PREFILL_IDS_FILE = doc["prompt"], doc["prompt_text"], path
 
 
 # --------------------------------------------------------------------------- peers
@@ -321,6 +334,7 @@ def cold_starts(args):
     res = []
     cmd = [sys.executable, os.path.abspath(__file__), "--child-ttft",
            "--system", args.system, "--model", args.model, "--threads", str(args.threads)]
+    cmd += ["--ids", args.ids] if args.ids else []
 
     def one():
         t_spawn = time.time()
@@ -396,8 +410,11 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3, help="warm repeats (median)")
     ap.add_argument("--cold-runs", type=int, default=3, help="fresh processes for TTFT")
+    ap.add_argument("--ids", help="JSON {prompt, prompt_text, prefill}: another model's ids (default: SmolLM2's)")
     ap.add_argument("--child-ttft", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ids:
+        use_ids(args.ids)
 
     if args.child_ttft:
         return child_ttft(args)

