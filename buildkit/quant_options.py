@@ -59,7 +59,12 @@ class QuantOptions:
         """A preset's options, with `overrides` (options given explicitly) on top."""
         if name not in PRESETS:
             raise BadArgumentError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], "preset": name, **overrides})
+        preset = dict(PRESETS[name])
+        bits = overrides.get("bits", preset["bits"])
+        for table in ("embeddings", "lm_head"):  # a preset's table never has fewer bits than --bits
+            if preset[table].startswith("int") and int(preset[table][3:]) < bits:
+                preset[table], preset["table_block_size"] = f"int{bits}", None
+        return cls(**{**preset, "preset": name, **overrides})
 
     def block_for(self, table: bool) -> int:
         """The block size of a vocabulary table (embedding / lm_head) or of a projection."""

@@ -169,13 +169,35 @@ def _mix(src: Path, model: onnx.ModelProto, targets: list[_Target | None], reade
         if _projection(t) and t.bits == 4:
             mixable.setdefault(_weight_key(t), (t, node.input[0]))
     weights = [(key, t.weight, lambda t=t: _read(reader, t), hessians.get(x)) for key, (t, x) in mixable.items()]
-    candidates, fits4 = measure(weights, opt, progress)
+    outputs = [node.output[0] for node, t in zip(model.graph.node, targets) if _projection(t) and t.bits == 4]
+    candidates, fits4 = measure(weights, opt, progress, relative=_normalized_outputs(model.graph, outputs))
     budget = None if opt.size_budget_mb is None else int(opt.size_budget_mb * 1e6)
     chosen = choose(candidates, _fixed_bytes(src, model, reader, targets, set(mixable), opt), budget, opt.mixed_share)
     new = [t._replace(bits=8) if t is not None and _weight_key(t) in chosen else t for t in targets]
     # GPTQ fits again on its own (the measured fits are the plain ones the ranking needs)
     kept = {} if opt.method == "gptq" else {key: bq for key, bq in fits4.items() if key not in chosen}
     return new, [c.name for c in candidates if c.key in chosen], kept
+
+
+_NORMS = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization"}
+
+
+def _normalized_outputs(graph: onnx.GraphProto, outputs: list[str]) -> bool:
+    """Whether some projection's output is normalized on its own before it reaches anything else
+    (through Split / Reshape): Gemma 3's q/k norms and the norms after attention and MLP. A
+    residual add fused with the next norm (SkipSimplifiedLayerNormalization) does not count."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    todo = list(outputs)
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if n.op_type in _NORMS:
+                return True
+            if n.op_type in ("Split", "Reshape"):
+                todo.extend(n.output)
+    return False
 
 
 def _fixed_bytes(src: Path, model: onnx.ModelProto, reader: InitializerReader, targets: list[_Target | None],

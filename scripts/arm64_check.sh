@@ -134,7 +134,7 @@ models() {
     local cli=("$HOST_PY" -m edgellama.cli)
     export HF_HUB_OFFLINE=1
     $NICE "${cli[@]}" export "$GGUF" "$dir/fp32" 2>/dev/null
-    $NICE "${cli[@]}" export "$GGUF" "$dir/int8" --bits 8 2>/dev/null
+    $NICE "${cli[@]}" quantize "$dir/fp32" "$dir/int8" --bits 8 --no-calibration 2>/dev/null  # export --bits 8 would keep the Q4_1 blocks at 4 bits
     $NICE "${cli[@]}" export "$GGUF" "$dir/int4" --bits 4 2>/dev/null
     $NICE "${cli[@]}" compile "$dir/int4" "$dir/int4-arm64" --target arm64 2>/dev/null
     head -c 200000 "$TEXT" > "$dir/text.txt"

@@ -212,7 +212,7 @@ def _gguf_vocab(n: int) -> dict:
             "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.add_space_prefix": False}
 
 
-def write_gemma3_gguf(path, model) -> dict[str, np.ndarray]:
+def write_gemma3_gguf(path, model, store: dict | None = None) -> dict[str, np.ndarray]:
     """The tiny model as llama.cpp's convert_hf_to_gguf.py writes Gemma 3 (norms stored as 1 + w, q/k
     rows not permuted), its projections quantized per GGUF_STORE; returns the GGUF's float values
     by HF tensor name (what a reference model must hold)."""
@@ -248,7 +248,7 @@ def write_gemma3_gguf(path, model) -> dict[str, np.ndarray]:
             writer.add_tensor(name, stored)
             values[hf_name] = stored - 1.0
             continue
-        qtype = gguf.GGMLQuantizationType[GGUF_STORE[key]]
+        qtype = gguf.GGMLQuantizationType[(store or GGUF_STORE)[key]]
         raw = gguf.quants.quantize(w.astype(np.float32), qtype)
         writer.add_tensor(name, raw, raw_dtype=qtype)
         values[hf_name] = gguf.quants.dequantize(raw, qtype)
@@ -325,6 +325,40 @@ def test_gguf_bits_8_carries_every_block_exactly(tiny_gguf, tmp_path):
     assert np.abs(got - _reference(model, ids)).max() < 1e-3
 
 
+def test_gguf_bits_8_keeps_4_bit_blocks_at_4_bits(tmp_path):
+    """--bits 8 on int4 source blocks: a lone projection's Q4_1 / Q4_0 blocks stay 4-bit
+    MatMulNBits (half the bytes of a widened copy), a fused gate/up of mixed types is widened
+    to one form; every tensor exact, logits equal the float export's."""
+    import onnx
+
+    from edgellama.buildkit.quant_options import QuantOptions
+
+    model = make_gemma3(tmp_path / "hf")
+    store = {**GGUF_STORE, "o": "Q4_1", "down": "Q4_0", "gate": "Q4_1", "up": "Q8_0"}
+    write_gemma3_gguf(tmp_path / "mixed.gguf", model, store)
+    manifest = export(tmp_path / "mixed.gguf", tmp_path / "int8",
+                      ExportOptions(quant=QuantOptions(bits=8, accuracy_level=0, force=True)))
+    tensors = manifest.quantization["tensors"]
+    assert {t["carried"] for t in tensors.values()} <= {"exact int4", "exact int8"}
+    assert tensors["blk.0.attn_output.weight"]["bits"] == 4 and tensors["blk.0.ffn_up.weight"]["bits"] == 8
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False)
+    bits = {}
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x for x in n.attribute}
+            bits.setdefault((a["N"].i, a["K"].i), set()).add(a["bits"].i)
+    hd = model.config.head_dim
+    o_shape = (model.config.hidden_size, model.config.num_attention_heads * hd)
+    assert bits[o_shape] == {4}  # o_proj, Q4_1, alone
+    assert bits[(model.config.hidden_size, model.config.intermediate_size)] == {4}  # down, Q4_0
+    assert bits[(2 * model.config.intermediate_size, model.config.hidden_size)] == {8}  # gate Q4_1 + up Q8_0
+    export(tmp_path / "mixed.gguf", tmp_path / "fp32")
+    ids = np.random.default_rng(6).integers(0, 300, (1, 10))
+    got = run_plain(_session(tmp_path / "int8"), ids, [6, 1, 1, 1, 1])
+    ref = run_plain(_session(tmp_path / "fp32"), ids, [6, 1, 1, 1, 1])
+    assert np.abs(got - ref).max() < 1e-3
+
+
 def test_gguf_bits_4_refits_wider_blocks_and_says_so(tiny_gguf, tmp_path):
     from edgellama.buildkit.quant_options import QuantOptions
 
@@ -390,3 +424,22 @@ def test_real_gemma3_270m_int8_carries_every_block(gemma3_270m, tmp_path):
     assert carried == {("Q5_0", "exact int8"), ("Q4_K", "exact int4"), ("Q8_0", "exact int8"), ("Q6_K", "exact int8")}
     assert manifest.quantization["exact_from_source"] == 127
     assert _greedy(Model.load(tmp_path / "int8", threads=2)) == REFERENCE_GREEDY
+
+
+def test_mixed_precision_ranks_normalized_projections_by_relative_error(tmp_path):
+    """Gemma 3 normalizes q/k and the attention and MLP outputs on their own, so the mixed
+    choice compares relative errors there; a Llama block adds them into the residual stream
+    (the add fused with the next norm), where absolute errors compare."""
+    import onnx
+
+    from conftest import make_tiny
+    from edgellama.quantize.rewrite import _normalized_outputs
+
+    make_gemma3(tmp_path / "gemma-hf")
+    export(tmp_path / "gemma-hf", tmp_path / "gemma")
+    make_tiny(tmp_path / "llama-hf")
+    export(tmp_path / "llama-hf", tmp_path / "llama")
+    for name, normalized in (("gemma", True), ("llama", False)):
+        graph = onnx.load(str(tmp_path / name / "model.onnx"), load_external_data=False).graph
+        outputs = [n.output[0] for n in graph.node if n.op_type == "MatMul" and n.input[1].startswith("layers.")]
+        assert outputs and _normalized_outputs(graph, outputs) == normalized, name

@@ -246,3 +246,12 @@ def test_the_mixed_choice_reuses_its_4_bit_fits_bit_for_bit(tiny, monkeypatch):
     quantize_folder(tiny / "fp32", tiny / "refitted", opt)
     for name in ("model.onnx", "model.onnx.data"):
         assert (tiny / "reused" / name).read_bytes() == (tiny / "refitted" / name).read_bytes(), name
+
+
+def test_a_presets_tables_never_have_fewer_bits_than_asked_for():
+    """`quantize --bits 8` under the default preset (int4 tables) writes int8 tables; a table
+    given explicitly still wins."""
+    opt = QuantOptions.from_preset("balanced", bits=8)
+    assert (opt.embeddings, opt.lm_head, opt.block_for(table=True)) == ("int8", "int8", opt.block_size)
+    assert QuantOptions.from_preset("balanced", bits=8, lm_head="int4").lm_head == "int4"
+    assert QuantOptions.from_preset("balanced").lm_head == "int4"

@@ -49,12 +49,15 @@ class EvalResult:
 ModelOrLoader = Union[Model, Callable[[], Model]]
 
 
-def full_logits(model: Model, ids: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+def full_logits(model: Model, ids: Sequence[int], out: np.ndarray | None = None, past_capacity: int = 0
+                ) -> np.ndarray:
     """(len(ids), vocab) float32 logits of one uncached pass (every position kept). `out`: a
     C-contiguous float32 buffer of at least that many rows for onnxruntime to write into
-    (CPU, float32 logits); the returned array is then a view of it."""
+    (CPU, float32 logits); the returned array is then a view of it. `past_capacity`: the
+    empty past given as zeros of that many positions (nothing of it is read: the mask covers
+    only `ids`), for graphs that insist on a buffer of one attention window."""
     g = model.graph_io
-    empty = np.zeros((1, g.num_kv_heads, 0, g.head_dim), g.kv_dtype)
+    empty = np.zeros((1, g.num_kv_heads, past_capacity, g.head_dim), g.kv_dtype)
     feeds = {io.INPUT_IDS: np.asarray([ids], np.int64), io.ATTENTION_MASK: np.ones((1, len(ids)), np.int64)}
     if g.has_position_ids:
         feeds[io.POSITION_IDS] = np.arange(len(ids), dtype=np.int64)[None]

@@ -103,10 +103,14 @@ class GenaiRunner:
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         self.model = og.Model(cfg)
         self.tok = og.Tokenizer(self.model)
+        # a sliding-window model (Gemma 3) wants a KV buffer at least one window long
+        with open(os.path.join(model, "genai_config.json")) as f:
+            window = json.load(f)["model"]["decoder"].get("sliding_window") or {}
+        self.min_buffer = window.get("window_size", 0)
 
     def _generator(self, n_prompt, n_new):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=n_prompt + n_new,
+        params.set_search_options(do_sample=False, max_length=max(n_prompt + n_new, self.min_buffer),
                                   min_length=n_prompt + n_new)
         return self.og.Generator(self.model, params)
 

@@ -104,12 +104,12 @@ def main():
         cfg = json.load(f)
     print(f"config.json tie_word_embeddings = {cfg.get('tie_word_embeddings')}")
 
-    # Sanity: the reloaded tokenizer must not prepend BOS.
+    # Sanity (SmolLM2's GGUF, the default): the reloaded tokenizer must not prepend BOS.
     tok2 = AutoTokenizer.from_pretrained(args.out)
     ids = tok2("The best thing about AI is its ability to")["input_ids"]
     print(f"prompt ids from saved tokenizer: {ids}")
     expected = [504, 1450, 2775, 563, 5646, 314, 624, 2470, 288]
-    if ids != expected:
+    if args.gguf_file == ap.get_default("gguf_file") and ids != expected:
         print(f"WARNING: expected {expected}", file=sys.stderr)
         return 1
     return 0
