@@ -25,7 +25,8 @@ greedy steps, prefill = one forward over 512 ids; medians of --runs inside a pro
 over rounds; ratios are medians of per-round ratios against the faster peer of that round.
 Accuracy: perplexity over --text (windows of 512, the same token ids for every system;
 genai's graph scored by edgellama's runtime with edgellama's tokenizer through
-peers/genai_graph_ppl.py, llama.cpp by peers/llamacpp_ppl.py). No KL: a 262k vocabulary makes the spooled reference logits 8 GB.
+peers/genai_graph_ppl.py, llama.cpp by peers/llamacpp_ppl.py). No KL: with a 262k vocabulary
+the spooled reference logits would take 8 GB.
 Writes GEMMA3.md and gemma3.json to --out.
 """
 
@@ -146,8 +147,15 @@ def speed(a, gguf: Path, ids: Path) -> dict:
             "ratio_decode": round(statistics.median(d["decode_tok_s"] / b for d, b in zip(docs, best)), 3),
             "ratio_prefill": round(statistics.median(d["prefill_512_tok_s"] / b for d, b in zip(docs, best_pre)), 3),
             "first_ids": docs[0]["first32_ids"][:16],
+            "rounds": {"decode_tok_s": [d["decode_tok_s"] for d in docs],
+                       "prefill_tok_s": [d["prefill_512_tok_s"] for d in docs]},
         }
     return result
+
+
+def ratio(sp: dict, label: str, peer: str, key: str) -> float:
+    """Median over rounds of label's figure over peer's in the same round."""
+    return statistics.median(x / y for x, y in zip(sp[label]["rounds"][key], sp[peer]["rounds"][key]))
 
 
 def accuracy(a, gguf: Path) -> dict:
@@ -207,8 +215,7 @@ def checks(doc: dict) -> dict:
                 False, f"no peer is less accurate ({ppl[label]:.3f})")
             continue
         fastest = max(peers, key=lambda p: sp[p]["decode_tok_s"])
-        r_dec = sp[label]["decode_tok_s"] / sp[fastest]["decode_tok_s"]
-        r_pre = sp[label]["prefill_tok_s"] / sp[fastest]["prefill_tok_s"]
+        r_dec, r_pre = ratio(sp, label, fastest, "decode_tok_s"), ratio(sp, label, fastest, "prefill_tok_s")
         out[f"{label} vs {fastest} (perplexity {ppl[label]:.3f} vs {ppl[fastest]:.3f}): decode and prefill >= 1.0x"] = (
             r_dec >= 1.0 and r_pre >= 1.0, f"decode {r_dec:.2f}x, prefill {r_pre:.2f}x")
     return out
@@ -227,7 +234,8 @@ def report(doc: dict) -> str:
         ppl = doc["accuracy"][label]["perplexity"]
         sp = (f"{s['decode_tok_s']:.1f} | {s['ratio_decode']:.2f} | {s['prefill_tok_s']:.0f} | {s['ratio_prefill']:.2f}"
               if s else "— | — | — | —")
-        L.append(f"| {label} | {doc['size_mb'].get(label, 0):.1f} | {sp} | {ppl:.3f} | {(ppl / fp32 - 1) * 100:+.2f} % |")
+        size = doc["size_mb"].get(label, 0)
+        L.append(f"| {label} | {size:.1f} | {sp} | {ppl:.3f} | {(ppl / fp32 - 1) * 100:+.2f} % |")
     if doc.get("builds"):
         L += ["", "Builds made in this run (GNU time -v):", "", "| folder | wall s | peak RSS MB |", "|---|---|---|"]
         L += [f"| {k} | {v['wall_s']} | {v['peak_rss_mb']} |" for k, v in doc["builds"].items()]
@@ -269,14 +277,17 @@ def main() -> None:
     doc["size_mb"]["llamacpp"] = doc["size_mb"]["gguf"] = size_mb(gguf)
     ids = ids_file(a)
     last = a.out / "gemma3.json"
-    if a.skip_speed and last.exists():
-        doc["speed"] = json.loads(last.read_text())["speed"]
+    previous = json.loads(last.read_text()) if last.exists() else {}
+    if a.skip_speed and "speed" in previous:
+        doc["speed"] = previous["speed"]
     else:
         doc["speed"] = speed(a, gguf, ids)
         a.out.mkdir(parents=True, exist_ok=True)
-        last.write_text(json.dumps(doc, indent=1))  # kept if accuracy fails: --skip-speed reuses it
-    if a.skip_accuracy and last.exists():
-        doc["accuracy"], doc["tokens"] = json.loads(last.read_text())["accuracy"], json.loads(last.read_text())["tokens"]
+        last.write_text(json.dumps({**previous, **doc}, indent=1))  # kept if accuracy fails: --skip-speed reuses it
+    if a.skip_accuracy and "accuracy" in previous:
+        doc["accuracy"], doc["tokens"] = previous["accuracy"], previous["tokens"]
+        if a.skip_speed:  # nothing measured now: a report of the earlier run
+            doc["measured_at"], doc["builds"] = previous["measured_at"], previous.get("builds", {})
     else:
         doc["accuracy"] = accuracy(a, gguf)
         doc["tokens"] = doc["accuracy"]["el-fp32"].get("tokens")

@@ -254,11 +254,12 @@ def _rewrite(graph: onnx.GraphProto, targets: list[_Target | None], reader: Init
         if target is None:
             g.nodes.append(node)
             continue
-        x = node.input[0] if _projection(target) else head_input.get(_weight_key(target) if target else None)
+        x = node.input[0] if _projection(target) else head_input.get(_weight_key(target))
         hessian = (hessians or {}).get(x) if x is not None else None
         if hessian is not None and hessian.ndim == 1:  # a diagonal only (_calibrate): np.diag of this view gives it back
             hessian = np.broadcast_to(hessian, (len(hessian), len(hessian)))
-        fresh = _emit(node, target, reader, g, opt, dtype, sums, done, hessian, (fitted or {}).pop(_weight_key(target), None))
+        fit = (fitted or {}).pop(_weight_key(target), None)
+        fresh = _emit(node, target, reader, g, opt, dtype, sums, done, hessian, fit)
         errors.extend(fresh)
         if fresh:
             progress(len(errors), total, "fit:tensors")
