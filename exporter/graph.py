@@ -312,10 +312,23 @@ def _rope_inputs(g: GraphWriter, cfg: ModelConfig, inv_freq: np.ndarray, dt: np.
         ropes.setdefault(cfg.local_rope, cfg.local_rope.inv_freq(cfg.head_dim))
     out = {}
     for n, (rope, freqs) in enumerate(ropes.items()):
-        cos_t, sin_t = rope_tables(cfg, freqs, dt)
         prefix = "rope" if n == 0 else "rope_local"
-        out[rope] = (g.weight(f"{prefix}.cos", cos_t), g.weight(f"{prefix}.sin", sin_t))
+        out[rope] = _rope_table_nodes(g, cfg.context_length, freqs, dt, prefix)
     return out
+
+
+def _rope_table_nodes(g: GraphWriter, positions: int, inv_freq: np.ndarray, dt: np.dtype, prefix: str
+                      ) -> tuple[str, str]:
+    """rope_tables() as float64 ops on constants: onnxruntime folds them into the same
+    (context_length, hd/2) tables when the session loads, so the file holds hd/2 frequencies
+    instead of the tables (Gemma 3 270M, 32,768 positions and two bases: 67 MB)."""
+    f64 = lambda v: g.const(np.array(v, np.float64))  # noqa: E731
+    pos = g.op("Unsqueeze", [g.op("Range", [f64(0.0), f64(float(positions)), f64(1.0)]),
+                             g.const(np.array([1], np.int64))])
+    angles = g.op("Mul", [pos, g.const(np.asarray(inv_freq, np.float64)[None, :], f"{prefix}.inv_freq")])
+    to = _ONNX_TYPES[np.dtype(dt)]
+    return (g.op("Cast", [g.op("Cos", [angles])], outputs=[f"{prefix}.cos"], to=to),
+            g.op("Cast", [g.op("Sin", [angles])], outputs=[f"{prefix}.sin"], to=to))
 
 
 def _qk_norm(g: GraphWriter, cfg: ModelConfig, qkv: str, q_norm: str, k_norm: str) -> tuple[str, str, str]:
