@@ -367,10 +367,13 @@ def with_el_tokenizer(b: Bench, label: str) -> Path:
 
     genai's tokenizer.json and optimum's (both converted from the GGUF by transformers)
     split whitespace differently from llama.cpp; edgellama's matches llama.cpp exactly."""
-    d = b.lay.exports / "eval" / label
+    return link_with_tokenizer(b.folder(label), b.folder("el-fp32"), b.lay.exports / "eval" / label)
+
+
+def link_with_tokenizer(src: Path, tok: Path, d: Path) -> Path:
+    """Folder `d` (made afresh): `src`'s graph and config, `tok`'s tokenizer files (those it has)."""
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    src, tok = b.folder(label), b.folder("el-fp32")
     for f in ("model.onnx", "model.onnx.data", "model.onnx_data", "genai_config.json", "config.json",
               "generation_config.json"):
         if not (src / f).exists():
@@ -383,7 +386,8 @@ def with_el_tokenizer(b: Bench, label: str) -> Path:
         else:
             (d / f).symlink_to(src / f)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (d / f).symlink_to(tok / f)
+        if (tok / f).exists():
+            (d / f).symlink_to(tok / f)
     return d
 
 

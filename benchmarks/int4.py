@@ -74,7 +74,6 @@ def size_mb(path: Path) -> float:
 def build(a, lay) -> dict:
     """Make the missing folders; quantize and export timings for those built now."""
     ex, el = a.work_dir, [a.python, "-m", "edgellama.cli"]
-    ex.mkdir(parents=True, exist_ok=True)
     steps = {
         "el-fp32": [*el, "export", str(lay.gguf), str(ex / "el-fp32")],
         "el-q4_1": [*el, "export", str(lay.gguf), str(ex / "el-q4_1"), "--bits", "4"],
@@ -82,16 +81,52 @@ def build(a, lay) -> dict:
         "genai-int4": [a.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(lay.float_copy),
                        "-o", str(ex / "genai-int4"), "-p", "int4", "-e", "cpu", "-c", str(ex / "genai_cache")],
     }
+    return build_folders(steps, ex, a.python, lay.peers, a.rebuild)
+
+
+def build_folders(steps: dict[str, list[str]], ex: Path, python: str, peers: Path, rebuild: bool) -> dict:
+    """Run each step whose folder under `ex` is missing (all with `rebuild`) under GNU time;
+    {label: wall s, peak RSS MB, command} for those run. A failed step's folder is removed, so
+    a later run does not take it for a build."""
+    ex.mkdir(parents=True, exist_ok=True)
     made = {}
     for label, cmd in steps.items():
-        if (ex / label).exists() and not a.rebuild:
+        if (ex / label).exists() and not rebuild:
             continue
         shutil.rmtree(ex / label, ignore_errors=True)
         log(f"building {label}")
-        run_env = layout.genai_builder_env(env(), lay.peers) if label.startswith("genai") else env()
-        made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
-                       "command": " ".join(cmd[1:] if cmd[0] == a.python else cmd)}
+        run_env = layout.genai_builder_env(env(), peers) if label.startswith("genai") else env()
+        try:
+            made[label] = {**timed(cmd, ex / f"{label}.log", run_env),
+                           "command": " ".join(cmd[1:] if cmd[0] == python else cmd)}
+        except subprocess.CalledProcessError:
+            shutil.rmtree(ex / label, ignore_errors=True)
+            raise SystemExit(f"building {label} failed: see {ex / f'{label}.log'}") from None
     return made
+
+
+def decode_peer(a, label: str, python: str, system: str, model: str, *extra: str) -> dict:
+    """One fresh peers/decode_peer.py process: its JSON result."""
+    out = subprocess.run([python, str(PEER), "--system", system, "--model", model, *extra, "--threads", str(a.threads),
+                          "--runs", str(a.runs), "--cold-runs", "0"], capture_output=True, text=True, env=env())
+    if out.returncode:
+        raise SystemExit(f"{label}: decode_peer failed: {out.stderr.strip().splitlines()[-3:]}")
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def llamacpp_perplexity(a, gguf: Path, ids: list[int]) -> dict:
+    """peers/llamacpp_ppl.py on these token ids: {perplexity, tokens}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"ids": ids}, f)
+    try:
+        r = subprocess.run([a.llamacpp_python, str(HERE / "peers" / "llamacpp_ppl.py"), str(gguf), f.name,
+                            "--threads", str(a.threads)], capture_output=True, text=True, env=env())
+    finally:
+        os.unlink(f.name)
+    if r.returncode:
+        raise SystemExit(f"llama.cpp perplexity failed: {r.stderr.strip().splitlines()[-3:]}")
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"perplexity": doc["perplexity"], "tokens": doc.get("tokens")}
 
 
 def speed(a, lay) -> dict:
@@ -100,12 +135,7 @@ def speed(a, lay) -> dict:
     for r in range(a.rounds):
         order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
         for label in order:
-            python, system, model = peer(a, lay, label)
-            out = subprocess.run([python, str(PEER), "--system", system, "--model", model, "--threads", str(a.threads),
-                                  "--runs", str(a.runs), "--cold-runs", "0"], capture_output=True, text=True, env=env())
-            if out.returncode:
-                raise SystemExit(f"{label}: decode_peer failed: {out.stderr.strip().splitlines()[-1:]}")
-            doc = json.loads(out.stdout[out.stdout.index("{"):])
+            doc = decode_peer(a, label, *peer(a, lay, label))
             runs[label].append(doc)
             log(f"round {r + 1}/{a.rounds} {label}: decode {doc['decode_tok_s']:.1f} tok/s, "
                 f"prefill {doc['prefill_512_tok_s']:.0f} tok/s")
@@ -140,13 +170,7 @@ def accuracy(a, lay) -> dict:
             from edgellama import Model
 
             ids = Model.load(ex / "el-fp32", threads=1).encode(a.text.read_text(encoding="utf-8"))
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-                json.dump({"ids": ids}, f)
-            r = subprocess.run([a.llamacpp_python, str(HERE / "peers" / "llamacpp_ppl.py"), str(lay.gguf), f.name,
-                                "--threads", str(a.threads)], capture_output=True, text=True, env=env(), check=True)
-            os.unlink(f.name)
-            doc = json.loads(r.stdout.strip().splitlines()[-1])
-            out[label] = {"perplexity": doc["perplexity"], "tokens": doc.get("tokens")}
+            out[label] = llamacpp_perplexity(a, lay.gguf, ids)
         else:
             # genai's graph with edgellama's tokenizer (the same ids), as compare.py scores peers
             bench = compare.Bench(layout.Layout(**{**lay.__dict__, "exports": ex}), a.python, a.out)
@@ -237,6 +261,12 @@ def chart(doc: dict, path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     layout.add_arguments(ap, "peers", "gguf", "float_copy", "exports", "text")
+    add_run_arguments(ap)
+    return ap.parse_args()
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """Rounds, interpreters, rebuild / reuse and output: shared with gemma3.py."""
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=3, help="timed runs inside each process (median)")
     ap.add_argument("--threads", type=int, default=2)
@@ -246,7 +276,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rebuild", action="store_true", help="rebuild every folder")
     ap.add_argument("--skip-accuracy", action="store_true", help="keep the last run's accuracy figures")
     ap.add_argument("--out", type=Path, default=layout.RESULTS)
-    return ap.parse_args()
+
+
+def peer_pythons(a, lay) -> None:
+    """Fill in --genai-python / --llamacpp-python from the peer venvs under PEERS."""
+    genai_venv = lay.python("genai")
+    a.genai_python = a.genai_python or (genai_venv if Path(genai_venv).exists() else a.python)
+    a.llamacpp_python = a.llamacpp_python or lay.python("llamacpp")
 
 
 def main() -> None:
@@ -261,9 +297,7 @@ def main() -> None:
         lay = layout.Layout(**{**lay.__dict__, "gguf": Path(spec.submodule_search_locations[0]) / GGUF_NAME})
     a.text = lay.text
     a.work_dir = lay.exports.parent / "int4"
-    genai_venv = lay.python("genai")
-    a.genai_python = a.genai_python or (genai_venv if Path(genai_venv).exists() else a.python)
-    a.llamacpp_python = a.llamacpp_python or lay.python("llamacpp")
+    peer_pythons(a, lay)
     doc = {"machine": host.machine(), "threads": a.threads, "rounds": a.rounds,
            "measured_at": time.strftime("%Y-%m-%d %H:%M"), "text": a.text.name}
     doc["builds"] = build(a, lay)

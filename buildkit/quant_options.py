@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
     "small": dict(bits=4, block_size=64, method="mse-zp", embeddings="int4", lm_head="int4", table_block_size=32,
                   mixed_share=0.0),
     # small's layout, plus 8 bits for the projections whose 4-bit fit adds most output error per
-    # byte saved, spending a fifth of what 8 bits everywhere would add.
+    # byte saved, spending 22 % of what 8 bits everywhere would add.
     "balanced": dict(bits=4, block_size=64, method="mse-zp", embeddings="int4", lm_head="int4", table_block_size=32,
                      mixed_share=0.22),
     # a float minimum per 32 weights (exact on Q4_0 / Q4_1 / Q4_K grids; two more ops per projection).

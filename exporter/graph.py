@@ -98,13 +98,6 @@ def softcap(g: GraphWriter, x: str, cap: float, dtype: np.dtype) -> str:
     return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])]), c])
 
 
-def rope_tables(cfg: ModelConfig, inv_freq: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin: (context_length, hd/2), computed in float64 then cast."""
-    pos = np.arange(cfg.context_length, dtype=np.float64)[:, None]
-    angles = pos * inv_freq[None, :]
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
-
-
 # ---- shared inputs --------------------------------------------------------------------------
 
 @dataclass
@@ -319,9 +312,9 @@ def _rope_inputs(g: GraphWriter, cfg: ModelConfig, inv_freq: np.ndarray, dt: np.
 
 def _rope_table_nodes(g: GraphWriter, positions: int, inv_freq: np.ndarray, dt: np.dtype, prefix: str
                       ) -> tuple[str, str]:
-    """rope_tables() as float64 ops on constants: onnxruntime folds them into the same
-    (context_length, hd/2) tables when the session loads, so the file holds hd/2 frequencies
-    instead of the tables (Gemma 3 270M, 32,768 positions and two bases: 67 MB)."""
+    """cos, sin: (positions, hd/2) tables of position x inv_freq, computed in float64 then cast,
+    written as ops on constants: onnxruntime folds them into tables when the session loads, so
+    the file holds hd/2 frequencies instead (Gemma 3 270M, 32,768 positions, two bases: 67 MB)."""
     f64 = lambda v: g.const(np.array(v, np.float64))  # noqa: E731
     pos = g.op("Unsqueeze", [g.op("Range", [f64(0.0), f64(float(positions)), f64(1.0)]),
                              g.const(np.array([1], np.int64))])

@@ -135,7 +135,8 @@ def _fresh_count(targets: list[_Target | None]) -> int:
 
 def _calibrate(src: Path, model: onnx.ModelProto, targets: list[_Target | None], opt: QuantOptions,
                progress: Progress) -> dict[str, np.ndarray]:
-    """Input statistics (sum of x x^T) for every projection that gets quantized (not the vocabulary tables).
+    """Input statistics (sum of x x^T) for every projection that gets quantized and for the lm_head
+    (its statistics weigh the vocabulary table's fit, see _rewrite).
 
     GPTQ reads the whole matrix; the activation-weighted fits (mse, mse-zp) and the
     mixed-precision choice read only its diagonal, so only that is collected for them: (K,) per

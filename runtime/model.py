@@ -102,7 +102,7 @@ class Model:
                 if isinstance(graph, Path) and graph.suffix == ".onnx":
                     check_external_data(graph)  # before onnxruntime opens any file it names
                 config = plan.config
-                if low_memory and manifest.quantization is None and manifest.weights in ("fp32", "fp16"):
+                if low_memory and manifest.weights in ("fp32", "fp16"):  # never a MatMulNBits graph
                     config = {**config, "session.disable_prepacking": "1"}
                 session = make_session(graph, provider, threads, plan.optimize, config, data_folder,
                                        arena=not low_memory)

@@ -149,8 +149,8 @@ def test_logits_to_keep_returns_the_last_positions(tiny_factory, tmp_path):
 
 def test_rope_tables_are_folded_by_onnxruntime_to_the_same_values(tmp_path):
     """The exporter writes the rope tables as float64 ops on hd/2 frequencies (Range, Mul,
-    Cos / Sin, Cast), which onnxruntime folds at load into exactly the tables numpy computes;
-    the file holds no (context, hd/2) table."""
+    Cos / Sin, Cast), which onnxruntime folds at load into exactly the tables numpy computes in
+    float64 (the tables the exporter used to store); the file holds no (context, hd/2) table."""
     import io as _io
 
     import onnx
@@ -158,18 +158,17 @@ def test_rope_tables_are_folded_by_onnxruntime_to_the_same_values(tmp_path):
     from onnx import helper
 
     from edgellama.buildkit.graph_writer import OPSET, GraphWriter
-    from edgellama.exporter.graph import _rope_table_nodes, rope_tables
+    from edgellama.exporter.graph import _rope_table_nodes
 
-    class Cfg:
-        context_length = 4096
-
+    positions = 4096
     inv_freq = 1.0 / (500000.0 ** (np.arange(0, 64, 2, dtype=np.float64) / 64))
     g = GraphWriter(_io.BytesIO(), "unused.data")
-    cos, sin = _rope_table_nodes(g, Cfg.context_length, inv_freq, np.dtype(np.float32), "rope")
+    cos, sin = _rope_table_nodes(g, positions, inv_freq, np.dtype(np.float32), "rope")
     graph = helper.make_graph(g.nodes, "rope", [], [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                                     for n in (cos, sin)], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     assert max(int(np.prod(t.dims)) for t in model.graph.initializer) == len(inv_freq)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
-    want = rope_tables(Cfg, inv_freq, np.dtype(np.float32))
-    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    assert np.array_equal(got[0], np.cos(angles).astype(np.float32))
+    assert np.array_equal(got[1], np.sin(angles).astype(np.float32))
