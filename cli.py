@@ -797,16 +797,21 @@ def serve(model_dir: Path, host: str, port: int, name: str | None, api_key: str 
                    "load and packed weights in file-backed memory, at twice the size; the artifact runs only "
                    "on this CPU type and onnxruntime version. Default: on for float models, off for "
                    "quantized ones (int4 loads no faster prepacked: prefer --format ort).")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "4"]), default=None,
+              help="Set every MatMulNBits' compute: 4 = int8 activations (fast prefill), 1 = float (the float "
+                   "graph's text; on ARM boards decode is bandwidth-bound either way, README: ARM64 boards). "
+                   "Default: as the folder was made.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @_friendly
 def compile_(model_dir: Path, output_dir: Path, target: str, fmt: str, level: str, prepack: bool | None,
-             force: bool) -> None:
+             accuracy_level: str | None, force: bool) -> None:
     """Optimize MODEL_DIR's graph offline for a device (or convert it to ORT format).
 
     \b
     Examples:
       edgellama compile smollm2-fp32 smollm2-fp32-compiled
       edgellama compile smollm2-int4 smollm2-int4-ort --format ort
+      edgellama compile smollm2-int4 smollm2-int4-pi5 --target arm64 --accuracy-level 1
     """
     _refuse_unless(target == "cpu" and fmt == "onnx", {"prepack": "--prepack/--no-prepack"},
                    "--target cpu and --format onnx (prepacked weights exist only there)")
@@ -815,10 +820,14 @@ def compile_(model_dir: Path, output_dir: Path, target: str, fmt: str, level: st
     from edgellama.deploy.compile import CompileOptions, compile_folder
 
     with _progress("compiling") as progress:
-        manifest = compile_folder(model_dir, output_dir, CompileOptions(target, fmt, level, prepack, force), progress)
+        options = CompileOptions(target, fmt, level, prepack, force,
+                                 None if accuracy_level is None else int(accuracy_level))
+        manifest = compile_folder(model_dir, output_dir, options, progress)
     c = manifest.compiled
+    accuracy = c.get("rewrites", {}).get("matmulnbits_accuracy_level")
     click.echo(f"wrote {output_dir} ({c['format']}, target {c['target']}, level {c['level']}, "
-               f"onnxruntime {c['onnxruntime']}{', prepacked' if c['prepacked'] else ''})", err=True)
+               f"onnxruntime {c['onnxruntime']}{', prepacked' if c['prepacked'] else ''}"
+               f"{'' if accuracy is None else f', accuracy level {accuracy}'})", err=True)
 
 
 @main.command(context_settings=CONTEXT)

@@ -19,7 +19,7 @@ pages and speed up fp32 loads (~1.27× cold start on SmolLM2) but not int4 ones
   hold prepacked weights: onnxruntime packs them at load.
 
 Targets: ``cpu`` optimizes with the CPU provider. ``arm64`` prepares a folder for ARM64
-boards (Raspberry Pi 4 / 5 class) on any machine: see `arm64_graph`; it optimizes with the CPU
+boards (Raspberry Pi 4 / 5 class) on any machine: see `rewrite_matmulnbits`; it optimizes with the CPU
 provider at most at level ``extended`` (default), whose rewrites are the same on every CPU —
 level ``all`` and prepacked weights are laid out for the compiling CPU's instruction set, so
 they are refused — and the folder also runs on x86. ``cuda`` optimizes with the CUDA
@@ -42,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgellama.buildkit.output import atomic_folder, check_target, copy_model_files
+from edgellama.buildkit.quant_options import ACCURACY_LEVELS
 from edgellama.runtime import artifact
 from edgellama.runtime import contract as io
 from edgellama.runtime.contract import Manifest
@@ -64,6 +65,9 @@ class CompileOptions:
     # int4 graph is ~1.8x the size (274 vs 149 MB on SmolLM2) and loads no faster.
     prepack: bool | None = None
     force: bool = False
+    # Rewrite every MatMulNBits to this accuracy level (4: int8 activations, 1: float compute).
+    # None: as the source was made.
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.level is None:
@@ -73,6 +77,9 @@ class CompileOptions:
                                      ("--level", self.level, artifact.LEVELS)):
             if value not in allowed:
                 raise BadArgumentError(f"{name} {value!r} is not supported; choose one of {', '.join(allowed)}")
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            raise BadArgumentError(f"--accuracy-level {self.accuracy_level} is not supported; choose one of "
+                                   f"{', '.join(map(str, ACCURACY_LEVELS))}")
         if self.target == "arm64" and (self.level == "all" or self.prepack):
             what = "--level all" if self.level == "all" else "--prepack"
             raise BadArgumentError(f"--target arm64 with {what} would bake this machine's CPU layouts into the "
@@ -99,8 +106,9 @@ def compile_folder(src: Path, out: Path, options: CompileOptions = CompileOption
         options = replace(options, prepack=not manifest.quantization and options.target != "arm64")
     providers = _providers(options)
     graph_in, rewrites = src / io.GRAPH_NAME, None
-    if options.target == "arm64":
-        graph_in, rewrites = arm64_graph(src / io.GRAPH_NAME)
+    if options.target == "arm64" or options.accuracy_level is not None:
+        graph_in, rewrites = rewrite_matmulnbits(src / io.GRAPH_NAME, arm64=options.target == "arm64",
+                                                 accuracy_level=options.accuracy_level)
     with atomic_folder(out, force=options.force) as tmp:
         skip = {io.GRAPH_NAME, io.GRAPH_DATA_NAME, io.MANIFEST_NAME} | ({io.GENAI_CONFIG_NAME} if options.format == "ort" else set())
         copy_model_files(src, tmp, skip)
@@ -127,6 +135,12 @@ def manifest_record(options: CompileOptions, providers: list[str]) -> dict:
     return record
 
 
+# --accuracy-level. MatMulNBits' accuracy_level attribute picks the compute: 4 quantizes the
+# activations to int8 (x86 and ARM dot-product kernels), 1 keeps them float. On an ARM board
+# decode is bound by memory bandwidth, not compute (README "Decode speed on paper"), so float
+# compute gives the float graph's text there at about the same decode speed and a slower prefill;
+# on x86, onnxruntime's float path for 4-bit weights is several times slower.
+#
 # --target arm64. onnxruntime's arm64 build sends a 4-bit MatMulNBits at accuracy level 4 with
 # no zero_points input, on a CPU with the dot-product instructions (Cortex-A76: Pi 5; not the
 # Pi 4's A72), to KleidiAI's qai8dxp x qsi4c32p kernels (MLAS UseKleidiAI: BlkLen % 32 == 0,
@@ -137,9 +151,10 @@ def manifest_record(options: CompileOptions, providers: list[str]) -> dict:
 # same weights and sends the node to MLAS' own NEON int8 kernel, which quantizes activations
 # per block as x86 does (measured under qemu, README "ARM64 boards"); on x86 the logits are
 # bit-identical to the source's.
-def arm64_graph(graph: Path) -> tuple[bytes, dict]:
-    """`graph` rewritten for ARM's int8 path (serialized; its weights stay in `graph`'s data
-    file) and the manifest's record of what changed."""
+def rewrite_matmulnbits(graph: Path, arm64: bool, accuracy_level: int | None) -> tuple[bytes, dict]:
+    """`graph` with its MatMulNBits nodes set to `accuracy_level` (None: unchanged) and, for
+    `arm64`, the 4-bit ones left at level 4 given explicit zero points (serialized; the weights
+    stay in `graph`'s data file), and the manifest's record of what changed."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -153,7 +168,11 @@ def arm64_graph(graph: Path) -> tuple[bytes, dict]:
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
     rewritten = 0
     for node in nodes:
+        if accuracy_level is not None:
+            _set_int_attribute(node, "accuracy_level", accuracy_level)
         attrs = {a.name: a.i for a in node.attribute}
+        if not arm64 or attrs.get("accuracy_level", 0) != 4:
+            continue  # KleidiAI takes level 4 only
         if attrs.get("bits", 4) != 4 or (len(node.input) > 3 and node.input[3]):
             continue  # 8-bit and explicit zero points already take MLAS' per-block path
         blocks = -(-attrs["K"] // attrs["block_size"])
@@ -165,8 +184,22 @@ def arm64_graph(graph: Path) -> tuple[bytes, dict]:
         else:
             node.input.extend([""] * (3 - len(node.input)) + [name])
         rewritten += 1
-    rewrites = {"matmulnbits_explicit_zero_points": rewritten, "matmulnbits": len(nodes)}
+    rewrites = {"matmulnbits": len(nodes)}
+    if arm64:
+        rewrites["matmulnbits_explicit_zero_points"] = rewritten
+    if accuracy_level is not None:
+        rewrites["matmulnbits_accuracy_level"] = accuracy_level
     return model.SerializeToString(), rewrites
+
+
+def _set_int_attribute(node, name: str, value: int) -> None:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.i = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _source_manifest(src: Path) -> Manifest:

@@ -137,13 +137,15 @@ models() {
     $NICE "${cli[@]}" quantize "$dir/fp32" "$dir/int8" --bits 8 --no-calibration 2>/dev/null  # export --bits 8 would keep the Q4_1 blocks at 4 bits
     $NICE "${cli[@]}" export "$GGUF" "$dir/int4" --bits 4 2>/dev/null
     $NICE "${cli[@]}" compile "$dir/int4" "$dir/int4-arm64" --target arm64 2>/dev/null
+    $NICE "${cli[@]}" compile "$dir/int4" "$dir/int4-arm64-float" --target arm64 --accuracy-level 1 2>/dev/null
     head -c 200000 "$TEXT" > "$dir/text.txt"
     (cd "$ROOT$OPT/check" && $NICE "$HOST_PY" arm64_greedy.py --reference "$dir" --write-reference \
         --text "$dir/text.txt" fp32="$dir/fp32" > /dev/null)
     # The x86 figures the emulated ones are judged against.
-    (cd "$ROOT$OPT/check" && $NICE "$HOST_PY" arm64_greedy.py --reference "$dir" --kl int4,int4-arm64,int8 \
-        --all-prompts int4,int4-arm64,int8,fp32 --text "$dir/text.txt" \
-        int4="$dir/int4" int4-arm64="$dir/int4-arm64" int8="$dir/int8" fp32="$dir/fp32" > "$dir/x86.jsonl")
+    (cd "$ROOT$OPT/check" && $NICE "$HOST_PY" arm64_greedy.py --reference "$dir" \
+        --kl int4,int4-arm64,int4-arm64-float,int8 --all-prompts int4,int4-arm64,int4-arm64-float,int8,fp32 \
+        --text "$dir/text.txt" int4="$dir/int4" int4-arm64="$dir/int4-arm64" int4-arm64-float="$dir/int4-arm64-float" \
+        int8="$dir/int8" fp32="$dir/fp32" > "$dir/x86.jsonl")
     touch "$dir/.done"
     took
 }
@@ -155,10 +157,11 @@ run_cpu() {
     in_arm64 "$cpu" sh -c "cd $OPT/src && PYTHONPATH=$OPT/check python -m pytest -p arm64_skip -m 'not slow' -q \
         -p no:cacheprovider -rf $DESELECT $TESTS" | grep -E '^FAILED|^ERROR|passed|failed' || fail=1
     took
-    stage "$cpu: SmolLM2 greedy (int4-arm64: 7 prompts, the others: the seed prompt) and KL on 512 tokens"
-    in_arm64 "$cpu" python "$OPT/check/arm64_greedy.py" --reference "$MODELS" --kl int4-arm64 --all-prompts int4-arm64 \
-        --x86 "$MODELS/x86.jsonl" --text "$MODELS/text.txt" \
-        int4="$MODELS/int4" int4-arm64="$MODELS/int4-arm64" int8="$MODELS/int8" fp32="$MODELS/fp32" \
+    stage "$cpu: SmolLM2 greedy (int4-arm64 and int4-arm64-float: 7 prompts, the others: the seed prompt), int4-arm64's KL on 512 tokens"
+    in_arm64 "$cpu" python "$OPT/check/arm64_greedy.py" --reference "$MODELS" --kl int4-arm64 \
+        --all-prompts int4-arm64,int4-arm64-float --x86 "$MODELS/x86.jsonl" --text "$MODELS/text.txt" \
+        int4="$MODELS/int4" int4-arm64="$MODELS/int4-arm64" int4-arm64-float="$MODELS/int4-arm64-float" \
+        int8="$MODELS/int8" fp32="$MODELS/fp32" \
         2> >(grep -v -e '^Error in cpuinfo' -e 'cpuinfo_initialize failed' >&2) | tee "$ROOT$OPT/result-$cpu.jsonl" || fail=1
     took
     return $fail
@@ -205,8 +208,10 @@ KL_RATIO = 1.5  # TARGETS: int4-arm64's KL within 1.5x of x86's int8 path (int4 
 MIN_SAME = 6    # its greedy text equals x86's fp32 text or x86's text of the same folder on
 # >= 6 of 7 prompts: the Pi 4's A72 runs int4 in float (fp32's texts), the A76 in int8 as x86
 # does, and several prompts are near-ties (the seed's top two logits differ by 0.03) that
-# int8 rounding tips either way. fp32 must give x86's text. The other folders (--all-prompts
-# leaves them out: emulation is slow) get the seed prompt.
+# int8 rounding tips either way (x86's own int8 path gives fp32's text on 4 of 7).
+# int4-arm64-float (--accuracy-level 1: float compute) must give x86's fp32 text on >= 6 of 7,
+# and fp32 x86's text on all. The other folders (--all-prompts leaves them out: emulation is
+# slow) get the seed prompt.
 
 
 def kl_against(ref_logits, logits):
@@ -254,6 +259,12 @@ def verdict(rows, x86_file):
             limit = KL_RATIO * x86["int4"]["kl"]
             if "kl" in row and row["kl"] > limit:
                 bad.append(f"int4-arm64: KL {row['kl']} above {limit:.5f} (1.5x x86's int8 path)")
+        if row["model"] == "int4-arm64-float":
+            as_fp32 = sum(a == c for a, c in zip(row["texts"], fp32))
+            row["same_as_x86_fp32"] = as_fp32
+            if as_fp32 < MIN_SAME:
+                bad.append(f"int4-arm64-float: {as_fp32}/{len(PROMPTS)} greedy texts equal x86's fp32 text "
+                           f"(target {MIN_SAME})")
         if row["model"] == "fp32" and same != len(row["texts"]):
             bad.append(f"fp32: {same}/{len(row['texts'])} greedy texts equal x86's")
     return bad
