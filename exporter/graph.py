@@ -240,7 +240,7 @@ class FloatProjections:
         """(B, K, H) -> (B, K, V) float32 logits; a tied table is stored once."""
         table = self._table if cfg.tie_embeddings or not w.has("lm_head") else g.weight_chunks(
             "lm_head.weight", (np.asarray(c, self.dtype) for c in w.row_chunks("lm_head")))
-        return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
+        return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size, self.dtype)
 
 
 def build_decoder(g: GraphWriter, cfg: ModelConfig, plan: GraphPlan, weights: Weights, inv_freq: np.ndarray,
@@ -343,8 +343,14 @@ def keep_last(g: GraphWriter, h: str) -> str:
     return g.op("Slice", [h, starts, big, g.const(np.array([1], np.int64))])
 
 
-def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int) -> str:
-    """(B, K, H) x (V, H)^T -> (B, K, V) via Gemm(transB) so a tied table is stored once."""
+def lm_head(g: GraphWriter, h: str, weight_v_h: str, hidden: int, vocab: int, dtype: np.dtype) -> str:
+    """(B, K, H) x (V, H)^T -> (B, K, V), the (V, H) table read transposed so a tied table is
+    stored once. float32: one FusedMatMul(transB) (onnxruntime's CPU and CUDA kernels take it),
+    writing the logits where the caller bound them; a Reshape after a 2-D Gemm would first
+    materialize them and copy (a 512-token window of a 49k vocabulary: 100 MB more at peak).
+    Other dtypes: Gemm(transB) between Reshapes, which every provider runs."""
+    if np.dtype(dtype) == np.float32:
+        return g.op("FusedMatMul", [h, weight_v_h], domain=MS, transB=1)
     flat = g.op("Reshape", [h, g.const(np.array([-1, hidden], np.int64))])
     logits = g.op("Gemm", [flat, weight_v_h], transB=1)
     lead = g.op("Slice", [g.op("Shape", [h]), g.const(np.array([0], np.int64)), g.const(np.array([2], np.int64))])

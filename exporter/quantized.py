@@ -75,7 +75,7 @@ class QuantProjections:
         key = "embed" if cfg.tie_embeddings or not w.has("lm_head") else "lm_head"
         if bits is None:
             table = g.weight_chunks(f"{key}.weight", (np.asarray(c, self.dtype) for c in w.row_chunks(key)))
-            return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size)
+            return lm_head(g, h, table, cfg.hidden_size, cfg.vocab_size, self.dtype)
         # a tied table is stored once: at the bits asked for, or carried exactly at fewer
         exact = self.tensors.get(w.source_tensor("embed", None)[0], {}).get("carried", "").startswith("exact")
         same = key == "embed" and self._table is not None and (self._table.bq.bits == bits
