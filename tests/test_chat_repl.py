@@ -240,6 +240,8 @@ def test_commands(tiny, tmp_path):
               f"/set seed none\n/frobnicate\n/save {path}\n"
               '"""\nfirst line\n/second line\n"""\n'
               f"/load {path}\n/set\n/load {tmp_path / 'missing.json'}\n/save\n/set top_k\n/reset\n/exit\nnever read\n")
+    sent, stream = [], chat.stream
+    chat.stream = lambda text, *a, **k: (sent.append(text), stream(text, *a, **k))[1]
     out, err = repl(chat, script)
     lines = err.splitlines()
     assert "commands (never sent to the model):" in lines
@@ -260,8 +262,10 @@ def test_commands(tiny, tmp_path):
     assert chat.messages == []  # reset, after the load put the first turn back
     saved = json.loads(path.read_text())
     assert [m["content"] for m in saved if m["role"] == "user"] == ["hello"]
-    assert len(out.splitlines()) == 2  # two replies: "hello" and the block
-    # the block was one message, commands inside it included; "never read" was not
+    # two replies, to "hello" and to the block (one message, commands inside it included;
+    # "never read" was not), each ended by a newline (sampled replies may hold newlines too)
+    assert sent == ["hello", "first line\n/second line"]
+    assert out.endswith("\n") and out.count("\n") >= 2
     chat2 = tiny.chat(max_new_tokens=2)
     repl(chat2, '"""\nfirst line\n/second line\n"""\n""" one line """\n')
     assert [m["content"] for m in chat2.messages if m["role"] == "user"] == ["first line\n/second line", " one line "]
