@@ -751,7 +751,8 @@ def test_existing_output_kept_then_replaced_with_force(tiny_factory, tmp_path):
 # ---- real processes: --debug, a real SIGINT, a real write failure --------------------------
 
 def _cli(*args, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # faulthandler: a process that hangs is sent SIGABRT by _finish and prints every thread's stack
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([sys.executable, "-m", "edgellama.cli", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -776,12 +777,23 @@ def _interrupt_when_writing(proc: subprocess.Popen, out: Path) -> None:
     proc.send_signal(signal.SIGINT)
 
 
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """stdout, stderr once the process exits; a process still running after `timeout` is
+    aborted and the test fails with the Python stacks it was in."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the process had not exited {timeout:.0f} s after SIGINT; its threads:\n{err[-6000:]}")
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_export_real_signal(smollm2_gguf, tmp_path):
     out = tmp_path / "out"
     proc = _cli("export", smollm2_gguf, out, "--bits", "4")
     _interrupt_when_writing(proc, out)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 130
     line = assert_one_clean_line(proc.returncode, stdout, stderr, prefix="interrupted")
     MESSAGES["ctrl-c-export-signal"] = line
@@ -793,7 +805,7 @@ def test_ctrl_c_during_quantize_real_signal(smollm2_onnx, tmp_path):
     out = tmp_path / "out"
     proc = _cli("quantize", smollm2_onnx, out)
     _interrupt_when_writing(proc, out)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 130
     MESSAGES["ctrl-c-quantize-signal"] = assert_one_clean_line(proc.returncode, stdout, stderr, prefix="interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
