@@ -64,8 +64,17 @@ class BlockQuant:
         return w.reshape(len(w), -1)[:, : self.shape[1]]
 
     def error(self, w: np.ndarray) -> float:
-        """Relative Frobenius error ||W - deq(Q(W))|| / ||W||."""
-        return float(np.linalg.norm(self.dequantize() - w) / max(np.linalg.norm(w), 1e-30))
+        """Relative Frobenius error ||W - deq(Q(W))|| / ||W||, a slice of rows at a time (a
+        262k-row vocabulary table dequantized whole would hold several copies of itself)."""
+        n, k = w.shape
+        step = max(1, _SLICE // max(int(k), 1))
+        diff = total = 0.0
+        for r in range(0, n, step):
+            part = w[r:r + step].astype(np.float64)
+            d = self.rows(slice(r, r + step)).dequantize() - part
+            diff += float(np.einsum("ij,ij->", d, d))
+            total += float(np.einsum("ij,ij->", part, part))
+        return float(np.sqrt(diff) / max(np.sqrt(total), 1e-30))
 
     def packed(self) -> np.ndarray:
         """(N, K/block, block*bits/8) uint8 as MatMulNBits wants B: low nibble first."""
