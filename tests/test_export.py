@@ -117,6 +117,27 @@ def test_fp16_export_close_to_fp32(tiny_factory, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
+def test_lm_head_op_by_dtype(tiny_factory, tmp_path):
+    """fp32: the logits come straight out of one FusedMatMul(transB) over the tied table (no
+    Gemm + Reshape that would materialize and then copy a window's logits); fp16 (onnxruntime's
+    CPU FusedMatMul is float32 only): Gemm(transB) between Reshapes. The table is stored once."""
+    import onnx
+
+    for tied, table in ((True, "embed.weight"), (False, "lm_head.weight")):
+        folder, _ = tiny_factory(f"tied-{tied}", tie_word_embeddings=tied)
+        for dtype, op in (("fp32", "FusedMatMul"), ("fp16", "Gemm")):
+            out = tmp_path / f"{dtype}-{tied}"
+            export(folder, out, ExportOptions(dtype=dtype))
+            graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+            head = [n for n in graph.node if n.op_type in ("FusedMatMul", "Gemm", "MatMul") and table in n.input]
+            assert [n.op_type for n in head] == [op]
+            assert {a.name: a.i for a in head[0].attribute} == {"transB": 1}
+            assert [i.name for i in graph.initializer if "embed" in i.name or "lm_head" in i.name] == \
+                ["embed.weight"] + ([] if tied else ["lm_head.weight"])
+            if op == "FusedMatMul":
+                assert head[0].output[0] == "logits" and head[0].domain == "com.microsoft"
+
+
 def test_output_folder_contents(tiny_factory, tmp_path):
     folder, _ = tiny_factory()
     out = tmp_path / "out"
