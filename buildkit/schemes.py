@@ -20,8 +20,8 @@ quantized weight, and `BlockQuant.error(w)` measures what it cost.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Callable
@@ -185,7 +185,7 @@ def _with_cols(bq: BlockQuant, k: int) -> BlockQuant:
 # memory holds a few slices' worth of them instead of a dozen copies of the whole weight.
 _SLICE = 1 << 17  # elements of a weight fitted together (~0.5 MB of float32 per temporary)
 _pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pool: "_FitPool | None" = None
 _in_worker = threading.local()
 
 
@@ -197,12 +197,47 @@ def _workers() -> int:
     return max(1, min(n, 8))
 
 
-def _fit_pool() -> ThreadPoolExecutor:
+class _FitPool:
+    """Daemon threads fed through C-level queues. Not concurrent.futures: a Ctrl-C that lands
+    while its executor holds one of its Python-level locks (its idle semaphore's condition)
+    leaves that lock held, its workers then block on it, and its exit hook joins them forever
+    (seen: `quantize` printed "interrupted" and never exited). Here the main thread takes no
+    Python-level lock to hand out or collect work, and exit does not wait for fits whose
+    results nobody will read."""
+
+    def __init__(self, n: int):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, name=f"edgellama-fit-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        _in_worker.active = True
+        while True:
+            fn, arg, out, index = self._tasks.get()
+            try:
+                out.put((index, True, fn(arg)))
+            except BaseException as exc:  # handed to the caller, which raises it
+                out.put((index, False, exc))
+
+    def map(self, fn, args: list) -> list:
+        """[fn(a) for a in args], run on the pool's threads; the first error is raised."""
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        for index, arg in enumerate(args):
+            self._tasks.put((fn, arg, out, index))
+        results = [None] * len(args)
+        for _ in args:
+            index, ok, value = out.get()
+            if not ok:
+                raise value
+            results[index] = value
+        return results
+
+
+def _fit_pool() -> _FitPool:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="edgellama-fit",
-                                       initializer=lambda: setattr(_in_worker, "active", True))
+            _pool = _FitPool(_workers())
         return _pool
 
 
@@ -219,7 +254,7 @@ def _by_rows(fit):
         spans = [(i, min(i + rows, n)) for i in range(0, n, rows)]
         one = lambda span: fit(w[span[0]:span[1]], bits, block, *args, **kwargs)  # noqa: E731
         if _workers() > 1 and not getattr(_in_worker, "active", False):
-            parts = list(_fit_pool().map(one, spans))
+            parts = _fit_pool().map(one, spans)
         else:
             parts = [one(span) for span in spans]
         cat = lambda attr: None if getattr(parts[0], attr) is None else np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
