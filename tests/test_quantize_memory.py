@@ -201,7 +201,7 @@ def test_low_memory_sessions_score_the_same(deep_float, tmp_path):
 
 def test_fit_error_of_a_large_table_is_measured_a_slice_at_a_time():
     """The relative error of a weight's fit holds a few slices' temporaries, not dequantized
-    float64 copies of the whole weight (Gemma 3's 262k x 640 table: quantize peaked at 4.1 GB
+    float64 copies of the whole weight (Gemma 3's 262k x 640 table: quantize peaked at 4.0 GiB
     that way); and it is the plain computation's figure."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((16384, 512)).astype(np.float32)  # 32 MiB
