@@ -159,8 +159,8 @@ def rewrite_matmulnbits(graph: Path, arm64: bool, accuracy_level: int | None) ->
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise MissingExtraError("--target arm64 rewrites the graph with onnx, which this install lacks: "
-                                "pip install 'onnx>=1.16'") from None
+        raise MissingExtraError("--target arm64 and --accuracy-level rewrite the graph with onnx, which this "
+                                "install lacks: pip install 'onnx>=1.16'") from None
     try:
         model = onnx.load(str(graph), load_external_data=False)
     except Exception as exc:  # onnx's DecodeError and friends
