@@ -267,8 +267,9 @@ def report(doc: dict) -> str:
           "forwards themselves, llama.cpp (Llama.eval calls) and transformers (model.forward calls) are counted by "
           "wrapping. Acceptance: accepted / drafted-and-verified tokens (edgellama, genai).",
           "Identical to plain: prompts whose greedy tokens equal the same system's plain ones; token agreement: "
-          "mean common prefix / plain length. On int4 graphs a forward over several tokens takes other "
-          "MatMulNBits paths than one token (shared/ANCHORS.md), so int4 greedy text may drift."]
+          "mean common prefix / plain length. On int4 graphs (int8 activations) the ~1e-7 by which a "
+          "forward over several tokens differs from single-token forwards now and then moves a value "
+          "across an int8 rounding boundary (README: Speculative decoding), so int4 greedy text may drift."]
     return "\n".join(L) + "\n"
 
 

@@ -20,8 +20,6 @@ quantized weight, and `BlockQuant.error(w)` measures what it cost.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Callable
@@ -29,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from edgellama.runtime.errors import BadArgumentError
+from edgellama.runtime.workers import Workers, shared
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BITS = (4, 8)
@@ -184,9 +183,6 @@ def _with_cols(bq: BlockQuant, k: int) -> BlockQuant:
 # temporaries stay in cache (SmolLM2's 49152 x 576 table: about 2x faster on one core) and
 # memory holds a few slices' worth of them instead of a dozen copies of the whole weight.
 _SLICE = 1 << 17  # elements of a weight fitted together (~0.5 MB of float32 per temporary)
-_pool_lock = threading.Lock()
-_pool: "_FitPool | None" = None
-_in_worker = threading.local()
 
 
 def _workers() -> int:
@@ -197,48 +193,8 @@ def _workers() -> int:
     return max(1, min(n, 8))
 
 
-class _FitPool:
-    """Daemon threads fed through C-level queues. Not concurrent.futures: a Ctrl-C that lands
-    while its executor holds one of its Python-level locks (its idle semaphore's condition)
-    leaves that lock held, its workers then block on it, and its exit hook joins them forever
-    (seen: `quantize` printed "interrupted" and never exited). Here the main thread takes no
-    Python-level lock to hand out or collect work, and exit does not wait for fits whose
-    results nobody will read."""
-
-    def __init__(self, n: int):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(n):
-            threading.Thread(target=self._work, name=f"edgellama-fit-{i}", daemon=True).start()
-
-    def _work(self) -> None:
-        _in_worker.active = True
-        while True:
-            fn, arg, out, index = self._tasks.get()
-            try:
-                out.put((index, True, fn(arg)))
-            except BaseException as exc:  # handed to the caller, which raises it
-                out.put((index, False, exc))
-
-    def map(self, fn, args: list) -> list:
-        """[fn(a) for a in args], run on the pool's threads; the first error is raised."""
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        for index, arg in enumerate(args):
-            self._tasks.put((fn, arg, out, index))
-        results = [None] * len(args)
-        for _ in args:
-            index, ok, value = out.get()
-            if not ok:
-                raise value
-            results[index] = value
-        return results
-
-
-def _fit_pool() -> _FitPool:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = _FitPool(_workers())
-        return _pool
+def _fit_pool() -> Workers:
+    return shared("edgellama-fit", _workers())
 
 
 def _by_rows(fit):
@@ -253,7 +209,7 @@ def _by_rows(fit):
             return fit(w, bits, block, *args, **kwargs)
         spans = [(i, min(i + rows, n)) for i in range(0, n, rows)]
         one = lambda span: fit(w[span[0]:span[1]], bits, block, *args, **kwargs)  # noqa: E731
-        if _workers() > 1 and not getattr(_in_worker, "active", False):
+        if _workers() > 1 and not _fit_pool().on_worker:
             parts = _fit_pool().map(one, spans)
         else:
             parts = [one(span) for span in spans]

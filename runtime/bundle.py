@@ -181,12 +181,10 @@ class Deferred:
 def _matches(path: Path, digest: str, start: int, size: int, stretches: list | None) -> bool:
     if stretches is None:
         return _sha256_file(path, start, size) == digest
-    from concurrent.futures import ThreadPoolExecutor
+    from .workers import shared
 
-    workers = max(1, min(4, os.cpu_count() or 1, len(stretches)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL
-        found = pool.map(lambda s: _sha256_file(path, start + s[0], s[1]) == s[2], stretches)
-        return all(list(found))
+    pool = shared("edgellama-hash", max(1, min(4, os.cpu_count() or 1)))  # hashlib releases the GIL
+    return all(pool.map(lambda s: _sha256_file(path, start + s[0], s[1]) == s[2], stretches))
 
 
 def _read_chunks(bundle: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None, sums: dict[str, str]) -> dict | None:

@@ -17,7 +17,6 @@ import linecache
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -28,6 +27,7 @@ from .bundle import Unpacked, is_bundle, unpacking
 from .contract import Manifest, find_chat_template, read_json_object
 from .errors import BadArgumentError, BadModelFileError, ContextOverflowError, EdgeLlamaError
 from .external_data import check_external_data
+from .workers import shared
 from .session import GraphIO, make_session
 
 if TYPE_CHECKING:  # imported where used: they load in the worker beside the session build
@@ -95,26 +95,26 @@ class Model:
         # two run one after the other (measured: +90 ms on SmolLM2).
         building = threading.Event()
         building.set()
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            checking = pool.submit(check) if check is not None else None  # hashing releases the GIL
-            loading = pool.submit(_load_text_side, folder, manifest, (threading.get_ident(), building))
-            try:
-                if isinstance(graph, Path) and graph.suffix == ".onnx":
-                    check_external_data(graph)  # before onnxruntime opens any file it names
-                config = plan.config
-                if low_memory and manifest.weights in ("fp32", "fp16"):  # never a MatMulNBits graph
-                    config = {**config, "session.disable_prepacking": "1"}
-                session = make_session(graph, provider, threads, plan.optimize, config, data_folder,
-                                       arena=not low_memory)
-            except BadModelFileError:
-                if check is not None:
-                    check()  # a damaged bundle says so, rather than how the damage made loading fail
-                raise
-            finally:
-                building.clear()  # done (or failed): the worker need not wait any longer
-            if checking is not None:
-                checking.result()  # raises on a mismatch: the session is dropped unused
-            tokenizer, template = loading.result()
+        pool = shared("edgellama-load", 2)  # runtime.workers: a Ctrl-C mid-load never leaves exit waiting
+        checking = pool.submit(check) if check is not None else None  # hashing releases the GIL
+        loading = pool.submit(_load_text_side, folder, manifest, (threading.get_ident(), building))
+        try:
+            if isinstance(graph, Path) and graph.suffix == ".onnx":
+                check_external_data(graph)  # before onnxruntime opens any file it names
+            config = plan.config
+            if low_memory and manifest.weights in ("fp32", "fp16"):  # never a MatMulNBits graph
+                config = {**config, "session.disable_prepacking": "1"}
+            session = make_session(graph, provider, threads, plan.optimize, config, data_folder,
+                                   arena=not low_memory)
+        except BadModelFileError:
+            if check is not None:
+                check()  # a damaged bundle says so, rather than how the damage made loading fail
+            raise
+        finally:
+            building.clear()  # done (or failed): the worker need not wait any longer
+        if checking is not None:
+            checking.result()  # raises on a mismatch: the session is dropped unused
+        tokenizer, template = loading.result()
         return cls(folder, manifest, session, tokenizer, template, provider)
 
     # ---- facts --------------------------------------------------------------------------

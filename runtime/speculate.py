@@ -7,7 +7,8 @@
 
 Greedy, every emitted token is the model's argmax at its position, so the text is the
 plain greedy text wherever one forward over k + 1 tokens gives the logits k + 1 single
-steps would (fp32; int8-activation MatMulNBits rounds the two paths differently). Sampling
+steps would (fp32: equal to ~1e-7; with int8 activations those 1e-7 move a value across an
+int8 rounding boundary now and then, and logits part by up to ~0.7, README). Sampling
 uses the speculative-sampling rule for a point-mass draft, so the output distribution is
 the model's.
 

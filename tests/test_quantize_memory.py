@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 
 import numpy as np
@@ -218,29 +217,13 @@ def test_fit_error_of_a_large_table_is_measured_a_slice_at_a_time():
         assert peak < 0.25 * w.nbytes, f"{scheme}: {peak / 2**20:.1f} MiB for a {w.nbytes / 2**20:.0f} MiB weight"
 
 
-def test_fit_pool_orders_results_raises_errors_and_never_holds_up_exit():
-    """The fit threads: results in the order asked, a fit's error raised to the caller, and
-    daemon threads fed by C-level queues (a Ctrl-C cannot leave a lock held that exit then
-    waits on; concurrent.futures' executor could, and `quantize` hung after "interrupted")."""
-    pool = schemes._FitPool(2)
-    assert pool.map(lambda x: x * x, list(range(20))) == [x * x for x in range(20)]
-
-    def bad(x):
-        if x == 3:
-            raise ValueError("slice 3")
-        return x
-
-    with pytest.raises(ValueError, match="slice 3"):
-        pool.map(bad, list(range(6)))
-    assert pool.map(lambda x: -x, [1, 2]) == [-1, -2]  # still serving after an error
-    fit_threads = [t for t in threading.enumerate() if t.name.startswith("edgellama-fit-")]
-    assert fit_threads and all(t.daemon for t in fit_threads)
-    # A process interrupted with fits still queued exits at once.
-    code = ("import signal, threading, time\n"
-            "from edgellama.buildkit import schemes\n"
-            "threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,)).start()\n"
-            "try:\n    schemes._fit_pool().map(lambda _: time.sleep(0.5), list(range(200)))\n"
-            "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
-    started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "interrupted" and time.monotonic() - started < 15
+def test_fits_run_on_the_shared_daemon_workers():
+    """Large weights are fitted a slice at a time on runtime.workers' daemon threads (tests/
+    test_workers.py: why not concurrent.futures), bit for bit as on one thread."""
+    w = np.random.default_rng(3).standard_normal((1024, 512)).astype(np.float32)
+    pooled = schemes.rtn_symmetric(w, 4, 32)
+    single = schemes.rtn_symmetric.__wrapped__(w, 4, 32)
+    assert np.array_equal(pooled.q, single.q) and np.array_equal(pooled.scales, single.scales)
+    if schemes._workers() > 1:
+        fit_threads = [t for t in threading.enumerate() if t.name.startswith("edgellama-fit-")]
+        assert fit_threads and all(t.daemon for t in fit_threads)
