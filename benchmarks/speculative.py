@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -137,6 +138,14 @@ def run_peer(label, python, args, ids_file, a) -> dict:
     r["command"] = shlex.join(cmd)
     log(f"{label}: done in {r['wall_s']} s")
     return r
+
+
+def _compact_json(doc) -> str:
+    """Indented JSON with every list of numbers (token ids, times) on one line: the file
+    holds every token of every round, one per line would make it megabytes."""
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
 def med(xs):
@@ -369,7 +378,7 @@ def main() -> None:
     doc["targets"] = targets(doc["summary"], doc["el_int4_ngram_over_genai_int4_ngram"])
     doc["rounds"] = [{k: ({kk: vv for kk, vv in v.items()}) for k, v in r.items()} for r in rounds]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "speculative.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (a.out / "speculative.json").write_text(_compact_json(doc) + "\n")
     text = report(doc)
     (a.out / "SPECULATIVE.md").write_text(text)
     print(text)
