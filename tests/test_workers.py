@@ -63,3 +63,16 @@ def test_ctrl_c_with_work_queued_exits_at_once(how):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "interrupted", out.stderr
     assert time.monotonic() - started < 15
+
+
+def test_the_runtime_background_work_runs_on_daemon_threads(tmp_path_factory):
+    """Model.load's side work and constrained decoding's masks run on runtime.workers' daemon
+    threads (concurrent.futures' are not daemons, and its exit hook joins them)."""
+    from tests.conftest import tiny_model_of_layout
+    from edgellama.runtime.contract import KVLayout
+
+    tiny = tiny_model_of_layout(tmp_path_factory, KVLayout.SHARED)
+    assert tiny.generate_text("The quick brown fox", max_new_tokens=6, regex="[a-z ]*") is not None
+    for name in ("edgellama-load-", "edgellama-mask-"):
+        threads = [t for t in threading.enumerate() if t.name.startswith(name)]
+        assert threads and all(t.daemon for t in threads), name
