@@ -66,7 +66,7 @@ class BlockQuant:
         """Relative Frobenius error ||W - deq(Q(W))|| / ||W||, a slice of rows at a time (a
         262k-row vocabulary table dequantized whole would hold several copies of itself)."""
         n, k = w.shape
-        step = max(1, _SLICE // max(int(k), 1))
+        step = _slice_rows(k)
         diff = total = 0.0
         for r in range(0, n, step):
             part = w[r:r + step].astype(np.float64)
@@ -185,6 +185,11 @@ def _with_cols(bq: BlockQuant, k: int) -> BlockQuant:
 _SLICE = 1 << 17  # elements of a weight fitted together (~0.5 MB of float32 per temporary)
 
 
+def _slice_rows(k: int) -> int:
+    """Rows of a weight `k` wide that make one slice."""
+    return max(1, _SLICE // max(int(k), 1))
+
+
 def _workers() -> int:
     try:
         n = len(os.sched_getaffinity(0))
@@ -204,13 +209,14 @@ def _by_rows(fit):
     @wraps(fit)
     def sliced(w: np.ndarray, bits: int, block: int, *args, **kwargs) -> BlockQuant:
         n, k = w.shape
-        rows = max(1, _SLICE // max(int(k), 1))
+        rows = _slice_rows(k)
         if n <= rows:
             return fit(w, bits, block, *args, **kwargs)
         spans = [(i, min(i + rows, n)) for i in range(0, n, rows)]
         one = lambda span: fit(w[span[0]:span[1]], bits, block, *args, **kwargs)  # noqa: E731
-        if _workers() > 1 and not _fit_pool().on_worker:
-            parts = _fit_pool().map(one, spans)
+        pool = _fit_pool() if _workers() > 1 else None
+        if pool is not None and not pool.on_worker:
+            parts = pool.map(one, spans)
         else:
             parts = [one(span) for span in spans]
         cat = lambda attr: None if getattr(parts[0], attr) is None else np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731

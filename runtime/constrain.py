@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .errors import BadArgumentError, MissingExtraError
-from .workers import Pending, shared
+from .workers import Pending, Workers, shared
 
 if TYPE_CHECKING:
     from .model import Model
@@ -42,6 +42,10 @@ WHITESPACE = r"[\x20\x0A\x0D\x09]{0,%d}" % WHITESPACE_RUN
 # mid-generation never leaves exit waiting); llguidance releases the GIL while it runs.
 MASK_THREADS = 4
 _TOKENIZERS_LOCK = threading.Lock()
+
+
+def _masks() -> Workers:
+    return shared("edgellama-mask", MASK_THREADS)
 
 
 def _llguidance():
@@ -145,7 +149,7 @@ class Constraint:
         self._words = np.zeros((self.vocab + 31) // 32, dtype=np.int32)
         self._fresh = False  # _words holds the mask of the matcher's current state
         self._stopped, self._accepting = self.matcher.is_stopped(), self.matcher.is_accepting()
-        self._pending: Pending | None = shared("edgellama-mask", MASK_THREADS).submit(self._fill)  # beside the prefill
+        self._pending: Pending | None = _masks().submit(self._fill)  # beside the prefill
 
     # ---- the mask ----------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -186,7 +190,7 @@ class Constraint:
         self._fresh = False
         # read here, while no mask is computing: the matcher takes one caller at a time
         self._stopped, self._accepting = self.matcher.is_stopped(), self.matcher.is_accepting()
-        self._pending = None if self._stopped else shared("edgellama-mask", MASK_THREADS).submit(self._fill)
+        self._pending = None if self._stopped else _masks().submit(self._fill)
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` (drafts) the grammar would take from here."""

@@ -27,8 +27,8 @@ from .bundle import Unpacked, is_bundle, unpacking
 from .contract import Manifest, find_chat_template, read_json_object
 from .errors import BadArgumentError, BadModelFileError, ContextOverflowError, EdgeLlamaError
 from .external_data import check_external_data
-from .workers import shared
 from .session import GraphIO, make_session
+from .workers import shared
 
 if TYPE_CHECKING:  # imported where used: they load in the worker beside the session build
     from tokenizers import Tokenizer
