@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -34,6 +36,16 @@ def smollm2_onnx(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
     export(smollm2_gguf, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Iterator[Path]:
+    """A folder for one module's fixtures, removed when the module's tests end. A real model's
+    export is 100-500 MB and CI disks can be small: passing tests' own folders go at once
+    (tmp_path_retention_policy = "failed"), and this keeps module fixtures from piling up."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

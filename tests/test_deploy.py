@@ -104,8 +104,8 @@ def test_all_level_fuses_norms_and_drops_nothing_the_runtime_needs(tiny):
 
 
 @pytest.fixture(scope="module")
-def smollm2_int4(smollm2_gguf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smol-int4") / "int4"
+def smollm2_int4(smollm2_gguf, module_tmp) -> Path:
+    out = module_tmp / "int4"
     export(smollm2_gguf, out, ExportOptions(quant=QuantOptions(bits=4)))  # the exact Q4_1 import
     return out
 

@@ -18,13 +18,13 @@ from edgellama.buildkit.quant_options import QuantOptions
 
 
 @pytest.fixture(scope="module")
-def deep_float(tmp_path_factory):
+def deep_float(module_tmp):
     """A float model of many layers whose largest tensor (the 8192 x 256 table, 8 MiB) is a
     small share of the whole (~80 MiB): holding it whole would not stay in the bound the
     streaming test sets."""
     from edgellama.exporter.export import export
 
-    root = tmp_path_factory.mktemp("deep")
+    root = module_tmp
     make_tiny(root / "hf", hidden_size=256, intermediate_size=768, num_hidden_layers=24, vocab_size=8192,
               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
     export(root / "hf", root / "fp32")

@@ -210,7 +210,7 @@ def _mean_kl_top1(reference: np.ndarray, rows: np.ndarray) -> tuple[float, float
 
 
 @pytest.mark.slow
-def test_real_model_int4_speculation_agreement_and_kl(smollm2_gguf, smollm2_onnx, tmp_path_factory, capsys):
+def test_real_model_int4_speculation_agreement_and_kl(smollm2_gguf, smollm2_onnx, tmp_path, capsys):
     """At accuracy level 4 every MatMulNBits rounds its input to int8, and the ~1e-7 by which
     a forward over several tokens differs from single-token forwards now and then moves a
     value across a rounding boundary, so speculative greedy text may part from plain greedy
@@ -221,7 +221,7 @@ def test_real_model_int4_speculation_agreement_and_kl(smollm2_gguf, smollm2_onnx
     from edgellama.buildkit.quant_options import QuantOptions
     from edgellama.runtime.decoder import Decoder
 
-    int4_dir = tmp_path_factory.mktemp("spec-int4") / "int4"
+    int4_dir = tmp_path / "int4"
     export(smollm2_gguf, int4_dir, ExportOptions(quant=QuantOptions(bits=4)))
     int4, fp32 = Model.load(int4_dir, threads=2), Model.load(smollm2_onnx, threads=2)
     ids = int4.render_chat([{"role": "user", "content": GROUNDED}])
@@ -249,13 +249,13 @@ def test_real_model_int4_speculation_agreement_and_kl(smollm2_gguf, smollm2_onnx
 
 
 @pytest.mark.slow
-def test_real_model_int4_at_accuracy_level_0_speculates_the_plain_text(smollm2_gguf, tmp_path_factory):
+def test_real_model_int4_at_accuracy_level_0_speculates_the_plain_text(smollm2_gguf, tmp_path):
     """README's promise for exact int4 speculation: with float compute (--accuracy-level 0)
     nothing rounds to int8, and greedy speculative text is the plain text, token for token."""
     from edgellama.exporter.export import ExportOptions, export
     from edgellama.buildkit.quant_options import QuantOptions
 
-    folder = tmp_path_factory.mktemp("spec-int4-l0") / "int4"
+    folder = tmp_path / "int4"
     export(smollm2_gguf, folder, ExportOptions(quant=QuantOptions(bits=4, accuracy_level=0)))
     model = Model.load(folder, threads=2)
     for text in (GROUNDED, OPEN):
