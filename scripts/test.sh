@@ -25,5 +25,8 @@ trap 'rm -rf "$FIXTURE"' EXIT
 "$OPT_VENV/bin/python" tests/make_optimum_fixture.py "$FIXTURE" > "$FIXTURE/export.log" 2>&1 || { cat "$FIXTURE/export.log"; exit 1; }
 export EDGELLAMA_OPTIMUM_FIXTURE=$FIXTURE
 
+# The suite's folders peak at about 1.7 GB under the temporary folder: say so before a full disk does.
+FREE_MB=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
+[ "${FREE_MB:-0}" -ge 2000 ] || echo "warning: ${FREE_MB} MB free under ${TMPDIR:-/tmp}; the test suite needs about 1,700 MB there (set TMPDIR to a larger disk)" >&2
 python -m pytest -q "$@"
 "$OPT_VENV/bin/python" -m pytest -q tests/test_via_optimum.py
