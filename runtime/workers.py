@@ -26,8 +26,8 @@ class Pending:
 
     __slots__ = ("_box", "_done", "_ok", "_value")
 
-    def __init__(self, box: queue.SimpleQueue | None = None):
-        self._box = box if box is not None else queue.SimpleQueue()
+    def __init__(self):
+        self._box: queue.SimpleQueue = queue.SimpleQueue()  # the worker puts (ok, value) here
         self._done = False
 
     def _wait(self) -> tuple[bool, Any]:
